@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .interface import Executor, FFNWeights, LinearWeights, PredictorWeights, TopKWeights, activate
 
 
@@ -69,11 +70,33 @@ class TorchExecutor(Executor):
 
 
 class CpuExecutor(TorchExecutor):
+    """Torch ops, plus the native fused kernels (``native.py``) for single-token decode when
+    they built on this machine; the torch ops remain the reference and the fallback."""
     name = "cpu"
 
     @classmethod
     def availability(cls):
-        return True, f"{torch.get_num_threads()} threads"
+        return True, f"{torch.get_num_threads()} threads, {native.status()}"
+
+    def prepare_predictor(self, a, b, bias) -> PredictorWeights:
+        # Stored transposed ([r, d] and [d_ff, r]) so each output of the native kernel reads a
+        # contiguous row; the torch ops use the transposed views at no cost.
+        return PredictorWeights(self.place(a.t()).t(), self.place(b.t()).t(), self.place(bias))
+
+    def reglu_sparse(self, x, w, p):
+        if x.shape[0] == 1 and native.supports(w.gate, w.up, w.down_t, *(() if p is None else (p.a.t(), p.b.t()))):
+            out, n_cand, n_active = native.reglu_ffn(
+                x[0], w.gate, w.up, w.down_t, *((None, None, None) if p is None else (p.a.t(), p.b.t(), p.bias)))
+            return out.to(x.dtype).unsqueeze(0), n_cand, n_active
+        return super().reglu_sparse(x, w, p)
+
+    def topk_linear(self, x, w: TopKWeights, k=None):
+        k = w.k if k is None else k
+        if x.shape[0] == 1 and k < w.weight_t.shape[0] and native.supports(w.weight_t):
+            idx = x[0].abs().topk(k, sorted=False).indices
+            out = native.weighted_rows(w.weight_t, idx, x[0, idx]).to(x.dtype).unsqueeze(0)
+            return out if w.bias is None else out + w.bias
+        return super().topk_linear(x, w, k)
 
 
 def weighted_row_sum(weight: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:

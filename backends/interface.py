@@ -105,6 +105,23 @@ class Executor(ABC):
         """Gated FFN over the given active neurons only (gather gate/up rows, act*mul, down)."""
         return self.up_down_rows(x, activate(self.gate_rows(x, w, idx), w.act), w, idx)
 
+    def reglu_sparse(self, x: torch.Tensor, w: FFNWeights,
+                     p: PredictorWeights | None) -> tuple[torch.Tensor, int, int]:
+        """ReGLU FFN of ``x [B, d]`` reading only the rows that matter: candidates from the
+        predictor ``p`` (every neuron when None: exact mode), the gate for candidates, up/down
+        where ReLU(gate) > 0 for some row.  Returns ``(out [B, d], candidates, active)``.
+        Backends may fuse this; the default composes the operations above."""
+        if p is None:
+            h = torch.relu(self.linear(x, LinearWeights(w.gate)))
+            idx = self.nonzero_columns(h > 0)
+            return self.up_down_rows(x, h[:, idx], w, idx), w.gate.shape[0], idx.numel()
+        cand, own = self.predicted_neurons(x, p)
+        h = torch.relu(self.gate_rows(x, w, cand))
+        if own is not None:  # union of candidates: each token keeps only its own predictions
+            h = h * own
+        keep = self.nonzero_columns(h > 0)
+        return self.up_down_rows(x, h[:, keep], w, cand[keep]), cand.numel(), keep.numel()
+
     @abstractmethod
     def topk_linear(self, x: torch.Tensor, w: TopKWeights, k: int | None = None) -> torch.Tensor:
         """Keep the ``k`` (default ``w.k``) largest-magnitude entries of each row of

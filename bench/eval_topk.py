@@ -71,11 +71,14 @@ def main():
            "ppl": {}, "zeroshot": {}}
     if args.zeroshot_levels:
         res["zeroshot"]["dense"] = eval_zeroshot(llm, limit=args.zeroshot_limit, sparse=False)
+    nlls = {}
     for level in args.levels:
         for name, ks, rot, scaled in variants(rots, level, m.spec, args.scaled):
             mm = copy.deepcopy(m)
             install_topk(mm, ks, *(rot or (None, None)), scaled=scaled)
-            nll, _ = window_nll(mm, windows, True, f"{name}@{level}")
+            per = []
+            nll, _ = window_nll(mm, windows, True, f"{name}@{level}", per)
+            nlls.setdefault(str(level), {})[name] = per
             ppl = math.exp(nll / n)
             res["ppl"].setdefault(name, {})[str(level)] = round(ppl, 3)
             print(json.dumps({"method": name, "level": level, "ppl": round(ppl, 3), "k": ks}), file=sys.stderr)
@@ -85,6 +88,7 @@ def main():
                 res["zeroshot"].setdefault(name, {})[str(level)] = eval_zeroshot(
                     shadow, limit=args.zeroshot_limit, sparse=True)
             del mm
+    res["paired_vs_magnitude"] = paired(nlls, n, len(windows))
     res["seconds"] = round(time.time() - t0, 1)
     out = json.dumps(res, indent=1)
     print(out)
@@ -92,6 +96,24 @@ def main():
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(out)
         plot(res, str(Path(args.out).with_suffix(".png")))
+
+
+def paired(nlls, n_tokens, n_windows):
+    """Per level, every method against magnitude Top-K on the same windows: the mean NLL
+    difference per token with its standard error over windows (negative = better than
+    magnitude) and the number of windows where the method is better."""
+    out = {}
+    for level, by in nlls.items():
+        base = torch.tensor(by["magnitude"], dtype=torch.float64)
+        for name, per in by.items():
+            if name == "magnitude":
+                continue
+            diff = (torch.tensor(per, dtype=torch.float64) - base) * n_windows / n_tokens
+            out.setdefault(name, {})[level] = dict(
+                mean_nll_diff=round(diff.mean().item(), 5),
+                stderr=round((diff.std() / n_windows**0.5).item(), 5) if n_windows > 1 else None,
+                windows_better=int((diff < 0).sum()), windows=n_windows)
+    return out
 
 
 def plot(res, path):

@@ -13,7 +13,10 @@ from .progress import progress
 from .textdata import read_texts, token_windows
 
 
-def window_nll(model, windows: torch.Tensor, sparse: bool, desc: str) -> tuple[float, int]:
+def window_nll(model, windows: torch.Tensor, sparse: bool, desc: str,
+               per_window: list | None = None) -> tuple[float, int]:
+    """Summed next-token NLL and token count over ``windows``; each window's sum is appended
+    to ``per_window`` when given (for paired comparisons of two models)."""
     total, count = 0.0, 0
     with torch.inference_mode():
         for w in progress(windows, desc=desc):
@@ -21,7 +24,10 @@ def window_nll(model, windows: torch.Tensor, sparse: bool, desc: str) -> tuple[f
             cache = model.new_cache(1, ids.shape[1])
             pos = torch.arange(ids.shape[1], device=ids.device)[None]
             logits = model.forward(ids, cache, pos, all_logits=True, sparse_prefill=sparse)
-            total += F.cross_entropy(logits[0, :-1].float(), ids[0, 1:].to(logits.device), reduction="sum").item()
+            nll = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:].to(logits.device), reduction="sum").item()
+            total += nll
+            if per_window is not None:
+                per_window.append(nll)
             count += ids.shape[1] - 1
     return total, count
 

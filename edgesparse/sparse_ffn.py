@@ -39,7 +39,8 @@ class SparsityStats:
         if not self.neurons:   # nothing decoded in a sparse mode: nothing skipped
             return {"gate_sparsity": 0.0, "ffn_sparsity": 0.0}
         n = self.neurons
-        out = {"gate_sparsity": 1 - self.gate_rows / n, "ffn_sparsity": 1 - self.active_rows / n}
+        # Counts may be 0-d device tensors (the cuda backend does not sync for them): float().
+        out = {"gate_sparsity": 1 - float(self.gate_rows) / n, "ffn_sparsity": 1 - float(self.active_rows) / n}
         if self.true_active:
             out["natural_sparsity"] = 1 - self.true_active / n
             out["predictor_recall"] = 1 - self.missed / self.true_active
@@ -97,26 +98,12 @@ def _topk_mlp(ex, x, layer, sparse: bool):
 
 def _gather_path(ex, x, layer, mode, stats):
     w = layer.ffn
+    out, gate_rows, active = ex.reglu_sparse(x, w, None if mode == "exact" else layer.predictor)
     n_tok = x.shape[0]
-    if mode == "exact":
-        h = torch.relu(ex.linear(x, layer.gate_linear))
-        idx = ex.nonzero_columns(h > 0)
-        gate_rows = w.gate.shape[0]
-        out = ex.up_down_rows(x, h[:, idx], w, idx)
-    else:
-        cand, own = ex.predicted_neurons(x, layer.predictor)
-        g = ex.gate_rows(x, w, cand)
-        h = torch.relu(g)
-        if own is not None:  # union of candidates: each token keeps only its own predictions
-            h = h * own
-        keep = ex.nonzero_columns(h > 0)
-        idx = cand[keep]
-        gate_rows = cand.numel()
-        out = ex.up_down_rows(x, h[:, keep], w, idx)
     stats.tokens += n_tok
     stats.neurons += n_tok * w.gate.shape[0]
     stats.gate_rows += n_tok * gate_rows
-    stats.active_rows += n_tok * idx.numel()
+    stats.active_rows += n_tok * active
     return out
 
 

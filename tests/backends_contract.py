@@ -57,6 +57,7 @@ def check_contract(ex, tol=1e-4, dtype=torch.float32):
             a_, b_, bias = rnd(d, r), rnd(r, dff), rnd(dff)
             pw = ex.prepare_predictor(a_, b_, bias)
             close(ex.lowrank_scores(x.to(dev), pw), x @ a_ @ b_ + bias, f"lowrank_scores r={r}")
+        check_reglu_sparse(ex, x, gate, up, down, rnd, close)
         for share in (0.0, 1 / dff, 0.5, 1.0):
             mask = torch.rand(batch, dff, generator=gen) < share
             if share == 1 / dff:
@@ -64,3 +65,29 @@ def check_contract(ex, tol=1e-4, dtype=torch.float32):
                 mask[0, dff // 2] = True
             cols = ex.nonzero_columns(mask.to(dev)).cpu()
             assert torch.equal(cols, mask.any(0).nonzero().flatten()), f"{ex.name}: nonzero_columns"
+
+
+def check_reglu_sparse(ex, x, gate, up, down, rnd, close):
+    """The fused ReGLU op in exact mode and with predictors admitting no, some and all neurons
+    (the native cpu kernels serve batch 1, the composed default larger batches)."""
+    dev, (dff, d) = ex.device, gate.shape
+    fw = ex.prepare_ffn(gate, up, down, "relu")
+    g = x.float() @ gate.float().T
+    out, n_cand, n_active = ex.reglu_sparse(x.to(dev), fw, None)
+    close(out, reference_ffn(x, gate, up, down, "relu"), "reglu_sparse exact")
+    assert (n_cand, n_active) == (dff, int((g > 0).any(0).sum())), f"{ex.name}: exact counts"
+    a_, b_ = rnd(d, 5), rnd(5, dff)
+    scores = x.float() @ a_.float() @ b_.float()
+    for shift in (-1e4, 0.0, 1e4):   # no / some / all candidates
+        # Half the neurons clear row 0's threshold by a margin, so rounding cannot flip them.
+        margin = torch.where(torch.arange(dff) % 2 == 0, 0.5, -0.5)
+        bias = (margin - scores[0]) if shift == 0.0 else torch.full((dff,), shift)
+        bias = bias.to(x.dtype)
+        pw = ex.prepare_predictor(a_, b_, bias)
+        cand = (scores + bias.float()) > 0
+        out, n_cand, n_active = ex.reglu_sparse(x.to(dev), fw, pw)
+        h = torch.relu(g) * cand
+        ref = (h * (x.float() @ up.float().T)) @ down.float().T
+        close(out, ref.to(x.dtype), f"reglu_sparse predictor shift={shift}")
+        assert n_cand == int(cand.any(0).sum()), f"{ex.name}: candidates {n_cand}"
+        assert n_active == int(((g > 0) & cand).any(0).sum()), f"{ex.name}: active {n_active}"

@@ -81,6 +81,16 @@ class CudaExecutor(TorchExecutor):
         out = self.kernels.rows_matvec(coef, w.weight_t, rows).to(x.dtype)
         return out if w.bias is None else out + w.bias
 
+    def reglu_sparse(self, x, w: FFNWeights, p: PredictorWeights | None):
+        if self.kernels is None or x.shape[0] != 1:
+            return super().reglu_sparse(x, w, p)
+        t = None if p is None else (x @ p.a)[0]
+        out, n_cand, n_active = self.kernels.reglu_ffn(x, w.gate, w.up, w.down_t, t,
+                                                       None if p is None else p.b, None if p is None else p.bias)
+        # The counts stay on the device (StatsBook reads them when asked), so a decode step
+        # never waits for the GPU here.
+        return out.to(x.dtype), n_cand, n_active
+
     def predicted_neurons(self, x, p: PredictorWeights):
         if self.kernels is None or x.shape[0] != 1:
             return super().predicted_neurons(x, p)

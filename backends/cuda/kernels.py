@@ -9,6 +9,13 @@
                        active neurons (W = W_downᵀ) and the Top-K linear (W = Wᵀ): each
                        selected row is read once, contiguously.
 
+* ``reglu_ffn``      – the whole ReGLU FFN of one token with no host synchronisation and
+                       fixed shapes (graph-capturable): candidates are compacted into a
+                       buffer of capacity d_ff with the count kept on the device; the gate/up
+                       and down kernels read that count and mask everything past it, and
+                       skip (masked loads, no memory traffic) the up/down rows of neurons
+                       whose ReLU(gate) is 0.
+
 Under ``TRITON_INTERPRET=1`` these run on the CPU, which is how CI tests them."""
 from __future__ import annotations
 
@@ -92,6 +99,82 @@ def _rows_matvec_kernel(c_ptr, w_ptr, idx_ptr, out_ptr, B, N, D,
                     other=0.0).to(tl.float32)
         acc += tl.sum(c[:, :, None] * w[None, :, :], axis=1)
     tl.store(out_ptr + bs[:, None] * D + ds[None, :], acc, mask=bmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _reglu_gate_up_kernel(x_ptr, gate_ptr, up_ptr, idx_ptr, count_ptr, h_ptr, active_ptr, D,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    n = tl.load(count_ptr)
+    j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    jmask = j < n
+    rows = tl.load(idx_ptr + j, mask=jmask, other=0).to(tl.int64)
+    g = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        dmask = ds < D
+        x = tl.load(x_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
+        w = tl.load(gate_ptr + rows[:, None] * D + ds[None, :], mask=jmask[:, None] & dmask[None, :],
+                    other=0.0).to(tl.float32)
+        g += tl.sum(w * x[None, :], axis=1)
+    act = jmask & (g > 0)
+    u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):   # up rows of inactive neurons are never loaded
+        ds = d0 + tl.arange(0, BLOCK_D)
+        dmask = ds < D
+        x = tl.load(x_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
+        w = tl.load(up_ptr + rows[:, None] * D + ds[None, :], mask=act[:, None] & dmask[None, :],
+                    other=0.0).to(tl.float32)
+        u += tl.sum(w * x[None, :], axis=1)
+    tl.store(h_ptr + j, tl.where(act, g * u, 0.0), mask=jmask)
+    tl.atomic_add(active_ptr, tl.sum(act.to(tl.int32), axis=0))
+
+
+@triton.jit
+def _rows_matvec_count_kernel(c_ptr, w_ptr, idx_ptr, count_ptr, out_ptr, D,
+                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    n = tl.load(count_ptr)
+    ds = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = ds < D
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for j0 in range(0, n, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        jmask = j < n
+        c = tl.load(c_ptr + j, mask=jmask, other=0.0)
+        rows = tl.load(idx_ptr + j, mask=jmask, other=0).to(tl.int64)
+        live = jmask & (c != 0.0)     # rows of inactive candidates are never loaded
+        w = tl.load(w_ptr + rows[:, None] * D + ds[None, :], mask=live[:, None] & dmask[None, :],
+                    other=0.0).to(tl.float32)
+        acc += tl.sum(c[:, None] * w, axis=0)
+    tl.store(out_ptr + ds, acc, mask=dmask)
+
+
+def reglu_ffn(x, gate, up, down_t, t=None, b=None, bias=None):
+    """ReGLU FFN of one token ``x [1, d]`` over predicted neurons (``t = x @ A`` with ``b``,
+    ``bias``) or, with ``t=None``, over all neurons with a dense gate.  Returns
+    ``(out [1, d] fp32, candidates, active)``, the counts as device tensors: nothing here
+    waits for the GPU, and every shape is fixed, so a CUDA graph can capture it."""
+    f, d = gate.shape
+    dev = gate.device
+    counts = torch.zeros(2, dtype=torch.int32, device=dev)
+    if t is None:
+        idx = torch.arange(f, dtype=torch.int32, device=dev)
+        counts[0] = f
+    else:
+        r = b.shape[0]
+        idx = torch.empty(f, dtype=torch.int32, device=dev)
+        BLOCK_F = 128
+        _score_compact_kernel[(triton.cdiv(f, BLOCK_F),)](t.contiguous(), b, bias, idx, counts, r, f,
+                                                          BLOCK_R=32, BLOCK_F=BLOCK_F)
+    h = torch.empty(f, dtype=torch.float32, device=dev)
+    xc = x.contiguous()
+    BLOCK_N = 32
+    _reglu_gate_up_kernel[(triton.cdiv(f, BLOCK_N),)](xc, gate, up, idx, counts, h, counts[1:], d,
+                                                      BLOCK_N=BLOCK_N, BLOCK_D=64)
+    out = torch.empty(1, d, dtype=torch.float32, device=dev)
+    BLOCK_D = 64
+    _rows_matvec_count_kernel[(triton.cdiv(d, BLOCK_D),)](h, down_t, idx, counts, out, d,
+                                                          BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+    return out, counts[0], counts[1]
 
 
 def _b_pad(b: int) -> int:

@@ -1,0 +1,86 @@
+"""The native cpu kernels: bf16 and fp32 against the torch path, and every way the build can
+be unavailable (the cpu backend must then fall back to torch ops, not fail)."""
+import pytest
+import torch
+
+from edgesparse.backends import native
+from edgesparse.backends.cpu import CpuExecutor
+
+needs_native = pytest.mark.skipif(native.lib() is None, reason=f"native kernels: {native.status()}")
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """Forget the loaded library and build into an empty cache dir."""
+    saved = dict(native._state)
+    native._state.clear()
+    monkeypatch.setenv("EDGESPARSE_CACHE", str(tmp_path))
+    yield tmp_path
+    native._state.clear()
+    native._state.update(saved)
+
+
+def layer(d, f, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gate, up = torch.randn(f, d, generator=g) / d**0.5, torch.randn(f, d, generator=g) / d**0.5
+    down = torch.randn(d, f, generator=g) / f**0.5
+    a, b, bias = torch.randn(d, 16, generator=g), torch.randn(16, f, generator=g) / 4, torch.randn(f, generator=g)
+    x = torch.randn(1, d, generator=g)
+    return [t.to(dtype) for t in (x, gate, up, down, a, b, bias)]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("d,f", [(256, 1000), (67, 301)])
+def test_fused_ffn_matches_torch_ops(dtype, tol, d, f):
+    x, gate, up, down, a, b, bias = layer(d, f, dtype)
+    fast = CpuExecutor("cpu")
+    torch_ops = super(CpuExecutor, fast)   # the composed torch path on the same weights
+    fw = fast.prepare_ffn(gate, up, down, "relu")
+    for p in (None, fast.prepare_predictor(a, b, bias)):
+        got, n_cand, n_act = fast.reglu_sparse(x, fw, p)
+        want, r_cand, r_act = torch_ops.reglu_sparse(x, fw, p)
+        assert got.dtype == dtype and got.shape == (1, d)
+        err = (got.float() - want.float()).abs().max() / want.float().abs().max()
+        assert err < tol
+        # bf16 scores may round differently right at a threshold: allow a neuron or two
+        assert abs(n_cand - r_cand) <= (0 if dtype == torch.float32 else 2)
+        assert abs(n_act - r_act) <= (0 if dtype == torch.float32 else 2)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weighted_rows_reads_the_given_rows(dtype):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(300, 37, generator=g).to(dtype)
+    for n in (0, 1, 150, 300):
+        idx = torch.randperm(300, generator=g)[:n]
+        coef = torch.randn(n, generator=g)
+        want = coef @ w[idx].float()
+        assert torch.allclose(native.weighted_rows(w, idx, coef), want, atol=1e-3, rtol=1e-3)
+
+
+def test_disabled_native_falls_back_to_torch(fresh_build, monkeypatch):
+    monkeypatch.setenv("EDGESPARSE_NATIVE", "0")
+    assert native.lib() is None and "disabled" in native.status()
+    assert "disabled" in CpuExecutor.availability()[1]
+    x, gate, up, down, *_ = layer(64, 100, torch.float32)
+    ex = CpuExecutor("cpu")
+    out, _, _ = ex.reglu_sparse(x, ex.prepare_ffn(gate, up, down, "relu"), None)
+    want = (torch.relu(x @ gate.T) * (x @ up.T)) @ down.T
+    assert torch.allclose(out, want, atol=1e-5)
+
+
+def test_failed_build_is_reported_not_raised(fresh_build, monkeypatch, tmp_path):
+    fake_cc = tmp_path / "cc"
+    fake_cc.write_text("#!/bin/sh\necho 'cc: error: no such target' >&2\nexit 1\n")
+    fake_cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake_cc))
+    assert native.lib() is None
+    assert native.status().startswith("native build failed: cc: error")
+
+
+def test_unsupported_weights_use_torch_ops():
+    # fp16 weights and non-contiguous views are not served by the native kernels.
+    assert not native.supports(torch.zeros(4, 4, dtype=torch.float16))
+    assert not native.supports(torch.zeros(4, 6).t())
