@@ -36,8 +36,69 @@ static inline float bf16_to_f32(uint16_t v) {
     }
 
 #define LOAD_F32(v) (v)
-DEFINE_ROW_OPS(bf16, uint16_t, bf16_to_f32)
+DEFINE_ROW_OPS(bf16_portable, uint16_t, bf16_to_f32)
 DEFINE_ROW_OPS(f32, float, LOAD_F32)
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* AVX-512: four independent accumulators hide the FMA latency (one chain is latency-bound
+ * at about half the memory bandwidth of this class of CPU). */
+static inline __m512 load16_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline float dot_bf16(const uint16_t *restrict w, const float *restrict x, int n) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int i = 0;
+    for (; i + 64 <= n; i += 64) {
+        a0 = _mm512_fmadd_ps(load16_bf16(w + i), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(load16_bf16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(load16_bf16(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(load16_bf16(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
+    }
+    float acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    return acc + (i < n ? dot_bf16_portable(w + i, x + i, n - i) : 0.f);
+}
+static inline void axpy_bf16(float a, const uint16_t *restrict w, float *restrict y, int n) {
+    __m512 va = _mm512_set1_ps(a);
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, load16_bf16(w + i), _mm512_loadu_ps(y + i)));
+    if (i < n) axpy_bf16_portable(a, w + i, y + i, n - i);
+}
+/* The same, while prefetching the row that will be read next (`next`, same length) at the
+ * same offset: selected rows are scattered, so the hardware prefetcher would restart on
+ * every row; one row ahead (8 KB at d = 4096) covers the memory latency. */
+static inline float dot_pf_bf16(const uint16_t *restrict w, const float *restrict x, int n, const uint16_t *next) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int i = 0;
+    for (; i + 64 <= n; i += 64) {
+        if (next) { _mm_prefetch((const char *)(next + i), _MM_HINT_T0); _mm_prefetch((const char *)(next + i + 32), _MM_HINT_T0); }
+        a0 = _mm512_fmadd_ps(load16_bf16(w + i), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(load16_bf16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(load16_bf16(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(load16_bf16(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
+    }
+    float acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    return acc + (i < n ? dot_bf16_portable(w + i, x + i, n - i) : 0.f);
+}
+static inline void axpy_pf_bf16(float a, const uint16_t *restrict w, float *restrict y, int n, const uint16_t *next) {
+    __m512 va = _mm512_set1_ps(a);
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        if (next) _mm_prefetch((const char *)(next + i), _MM_HINT_T0);
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, load16_bf16(w + i), _mm512_loadu_ps(y + i)));
+        _mm512_storeu_ps(y + i + 16, _mm512_fmadd_ps(va, load16_bf16(w + i + 16), _mm512_loadu_ps(y + i + 16)));
+    }
+    if (i < n) axpy_bf16_portable(a, w + i, y + i, n - i);
+}
+#else
+#define dot_bf16 dot_bf16_portable
+#define axpy_bf16 axpy_bf16_portable
+#define dot_pf_bf16(w, x, n, next) dot_bf16_portable(w, x, n)
+#define axpy_pf_bf16(a, w, y, n, next) axpy_bf16_portable(a, w, y, n)
+#endif
+#define dot_pf_f32(w, x, n, next) dot_f32(w, x, n)
+#define axpy_pf_f32(a, w, y, n, next) axpy_f32(a, w, y, n)
 
 /* Add each thread's partial sum into out (one thread at a time; d floats each). */
 static void reduce_into(float *restrict out, const float *restrict part, int d) {
@@ -49,34 +110,43 @@ static void reduce_into(float *restrict out, const float *restrict part, int d) 
  *   pred_a_t [r, d], pred_b_t [F, r], pred_bias [F]: low-rank predictor (NULL: every
  *   neuron is a candidate, i.e. exact mode with a dense gate);
  *   gate, up, down_t [F, d].  out [d] is overwritten.  counts[0] = candidates (gate rows
- *   read), counts[1] = active neurons (up/down rows read). */
-#define DEFINE_FFN(SUFFIX, WT)                                                                    \
-    void es_reglu_ffn_##SUFFIX(const float *x, const WT *pred_a_t, const WT *pred_b_t,              \
-                               const float *pred_bias, const WT *gate, const WT *up,              \
-                               const WT *down_t, int d, int r, int f, int n_threads,               \
-                               float *t_buf, float *out, int64_t *counts) {                       \
+ *   read), counts[1] = active neurons (up/down rows read).
+ * Each thread owns a contiguous range of neurons: it scores them into a candidate list,
+ * then walks the list reading gate, (up, down) rows in order, prefetching the next row of
+ * that sequence (up after gate, down after up, the next candidate's gate after down). */
+#define DEFINE_FFN(S, WT)                                                                         \
+    void es_reglu_ffn_##S(const float *x, const WT *pred_a_t, const WT *pred_b_t,                   \
+                          const float *pred_bias, const WT *gate, const WT *up,                   \
+                          const WT *down_t, int d, int r, int f, int n_threads,                    \
+                          float *t_buf, float *out, int64_t *counts) {                            \
         int64_t n_cand = 0, n_active = 0;                                                          \
         memset(out, 0, sizeof(float) * d);                                                        \
         _Pragma("omp parallel num_threads(n_threads) reduction(+:n_cand, n_active)")              \
         {                                                                                         \
             if (pred_a_t) {                                                                       \
                 _Pragma("omp for schedule(static)")                                               \
-                for (int j = 0; j < r; j++) t_buf[j] = dot_##SUFFIX(pred_a_t + (int64_t)j * d, x, d); \
+                for (int j = 0; j < r; j++) t_buf[j] = dot_##S(pred_a_t + (int64_t)j * d, x, d);  \
             }                                                                                     \
+            int nt = omp_get_num_threads(), id = omp_get_thread_num();                           \
+            int lo = (int)((int64_t)f * id / nt), hi = (int)((int64_t)f * (id + 1) / nt);         \
             float *part = (float *)calloc((size_t)d, sizeof(float));                              \
-            _Pragma("omp for schedule(dynamic, 64)")                                              \
-            for (int i = 0; i < f; i++) {                                                         \
-                if (pred_a_t &&                                                                   \
-                    dot_##SUFFIX(pred_b_t + (int64_t)i * r, t_buf, r) + pred_bias[i] <= 0.f)      \
-                    continue;                                                                     \
-                n_cand++;                                                                         \
-                float g = dot_##SUFFIX(gate + (int64_t)i * d, x, d);                              \
+            int *cand = (int *)malloc(sizeof(int) * (size_t)(hi - lo + 1));                       \
+            int nc = 0;                                                                           \
+            for (int i = lo; i < hi; i++)                                                         \
+                if (!pred_a_t || dot_##S(pred_b_t + (int64_t)i * r, t_buf, r) + pred_bias[i] > 0.f) \
+                    cand[nc++] = i;                                                               \
+            for (int k = 0; k < nc; k++) {                                                        \
+                int64_t row = (int64_t)cand[k] * d;                                               \
+                const WT *next_gate = k + 1 < nc ? gate + (int64_t)cand[k + 1] * d : NULL;        \
+                float g = dot_pf_##S(gate + row, x, d, up + row);                                 \
                 if (g <= 0.f) continue;                                                           \
                 n_active++;                                                                       \
-                float h = g * dot_##SUFFIX(up + (int64_t)i * d, x, d);                            \
-                axpy_##SUFFIX(h, down_t + (int64_t)i * d, part, d);                               \
+                float h = g * dot_pf_##S(up + row, x, d, down_t + row);                           \
+                axpy_pf_##S(h, down_t + row, part, d, next_gate);                                 \
             }                                                                                     \
+            n_cand += nc;                                                                         \
             reduce_into(out, part, d);                                                            \
+            free(cand);                                                                           \
             free(part);                                                                           \
         }                                                                                         \
         counts[0] = n_cand;                                                                       \
