@@ -51,7 +51,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         lib = ctypes.CDLL(str(out))
     except OSError as e:
         return None, f"native library not loadable: {e}"
-    for name in ("es_reglu_ffn_bf16", "es_reglu_ffn_f32", "es_weighted_rows_bf16", "es_weighted_rows_f32"):
+    for name in ("es_reglu_ffn_bf16", "es_reglu_ffn_f32", "es_weighted_rows_bf16", "es_weighted_rows_f32",
+                 "es_gemv_bf16", "es_gemv_f32"):
         getattr(lib, name).restype = None
     return lib, f"native kernels ({out.name})"
 
@@ -103,4 +104,14 @@ def weighted_rows(w: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor) -> tor
     out = torch.empty(w.shape[1], dtype=torch.float32)
     fn = getattr(lib(), "es_weighted_rows_" + _SUFFIX[w.dtype])
     fn(_p(w), _p(idx), _p(coef), int(idx.numel()), int(w.shape[1]), torch.get_num_threads(), _p(out))
+    return out
+
+
+def gemv(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``w [n, d] @ x [d] (+ bias)`` -> ``[n]`` fp32 in one streaming pass over ``w``."""
+    x = x.float().contiguous()
+    bias = None if bias is None else bias.float().contiguous()
+    out = torch.empty(w.shape[0], dtype=torch.float32)
+    fn = getattr(lib(), "es_gemv_" + _SUFFIX[w.dtype])
+    fn(_p(w), _p(x), _p(bias), int(w.shape[0]), int(w.shape[1]), torch.get_num_threads(), _p(out))
     return out

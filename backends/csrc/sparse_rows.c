@@ -157,23 +157,41 @@ DEFINE_FFN(bf16, uint16_t)
 DEFINE_FFN(f32, float)
 
 /* out[d_out] = sum_j coef[j] * w[idx[j]] : the Top-K linear and any down projection over a
- * given row set.  Threads split the output columns, so each reads a disjoint slice of every
- * selected row and no reduction is needed. */
-#define DEFINE_ROWS(SUFFIX, WT)                                                                   \
-    void es_weighted_rows_##SUFFIX(const WT *w, const int64_t *idx, const float *coef, int n,       \
-                                   int d_out, int n_threads, float *out) {                       \
+ * given row set.  Threads split the rows (each whole row streams through one core, with the
+ * next row prefetched) into private sums that are added at the end; splitting the columns
+ * instead made each core read half-rows and ran ~35% slower. */
+#define DEFINE_ROWS(S, WT)                                                                        \
+    void es_weighted_rows_##S(const WT *w, const int64_t *idx, const float *coef, int n,            \
+                              int d_out, int n_threads, float *out) {                            \
+        memset(out, 0, sizeof(float) * d_out);                                                    \
         _Pragma("omp parallel num_threads(n_threads)")                                            \
         {                                                                                         \
             int nt = omp_get_num_threads(), id = omp_get_thread_num();                           \
-            int chunk = ((d_out + nt - 1) / nt + 15) / 16 * 16;                                   \
-            int lo = id * chunk, hi = lo + chunk < d_out ? lo + chunk : d_out;                     \
-            if (lo < hi) {                                                                        \
-                memset(out + lo, 0, sizeof(float) * (hi - lo));                                   \
-                for (int j = 0; j < n; j++)                                                       \
-                    axpy_##SUFFIX(coef[j], w + idx[j] * (int64_t)d_out + lo, out + lo, hi - lo);  \
+            int lo = (int)((int64_t)n * id / nt), hi = (int)((int64_t)n * (id + 1) / nt);         \
+            float *part = (float *)calloc((size_t)d_out, sizeof(float));                          \
+            for (int j = lo; j < hi; j++) {                                                       \
+                const WT *next = j + 1 < hi ? w + idx[j + 1] * (int64_t)d_out : NULL;             \
+                axpy_pf_##S(coef[j], w + idx[j] * (int64_t)d_out, part, d_out, next);              \
             }                                                                                     \
+            if (hi > lo) reduce_into(out, part, d_out);                                           \
+            free(part);                                                                           \
         }                                                                                         \
     }
 
 DEFINE_ROWS(bf16, uint16_t)
 DEFINE_ROWS(f32, float)
+
+/* out[n] = w[n, d] @ x[d] (+ bias): the dense single-token linear (attention projections,
+ * lm_head, the dense FFN's gate/up) as one streaming pass with fp32 accumulation. */
+#define DEFINE_GEMV(S, WT)                                                                        \
+    void es_gemv_##S(const WT *w, const float *x, const float *bias, int n, int d, int n_threads,    \
+                     float *out) {                                                                \
+        _Pragma("omp parallel for num_threads(n_threads) schedule(static)")                       \
+        for (int i = 0; i < n; i++) {                                                             \
+            const WT *next = NULL;  /* rows are sequential: the hardware prefetcher is enough */ \
+            out[i] = dot_pf_##S(w + (int64_t)i * d, x, d, next) + (bias ? bias[i] : 0.f);         \
+        }                                                                                         \
+    }
+
+DEFINE_GEMV(bf16, uint16_t)
+DEFINE_GEMV(f32, float)
