@@ -91,7 +91,7 @@ class CpuExecutor(TorchExecutor):
 
     def ffn_dense(self, x, w: FFNWeights):
         if x.dim() == 2 and x.shape[0] == 1 and native.supports(w.down_t):
-            # One token: gate/up as torch GEMVs, the down projection as one native pass over
+            # One token: gate/up as native GEMVs, the down projection as one native pass over
             # down_t's rows (embedding_bag over all rows ran at ~8 GB/s inside decode).
             h = activate(self.linear(x, LinearWeights(w.gate)), w.act) * self.linear(x, LinearWeights(w.up))
             rows = torch.arange(h.shape[1])

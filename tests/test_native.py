@@ -60,6 +60,21 @@ def test_weighted_rows_reads_the_given_rows(dtype):
         assert torch.allclose(native.weighted_rows(w, idx, coef), want, atol=1e-3, rtol=1e-3)
 
 
+@needs_native
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_single_token_linear_and_dense_ffn_match_torch(dtype, tol):
+    x, gate, up, down, *_ = layer(200, 333, dtype, seed=2)
+    ex = CpuExecutor("cpu")
+    bias = torch.randn(333).to(dtype)
+    got = ex.linear(x.view(1, 1, -1), ex.prepare_linear(gate, bias))
+    want = (x.float() @ gate.float().T + bias.float()).view(1, 1, -1)
+    assert got.shape == want.shape and torch.allclose(got.float(), want, atol=tol, rtol=tol)
+    fw = ex.prepare_ffn(gate, up, down, "silu")
+    want = (torch.nn.functional.silu(x.float() @ gate.float().T) * (x.float() @ up.float().T)) @ down.float().T
+    got = ex.ffn_dense(x, fw)
+    assert torch.allclose(got.float(), want, atol=5 * tol, rtol=5 * tol)
+
+
 def test_disabled_native_falls_back_to_torch(fresh_build, monkeypatch):
     monkeypatch.setenv("EDGESPARSE_NATIVE", "0")
     assert native.lib() is None and "disabled" in native.status()

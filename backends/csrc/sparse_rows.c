@@ -187,10 +187,8 @@ DEFINE_ROWS(f32, float)
     void es_gemv_##S(const WT *w, const float *x, const float *bias, int n, int d, int n_threads,    \
                      float *out) {                                                                \
         _Pragma("omp parallel for num_threads(n_threads) schedule(static)")                       \
-        for (int i = 0; i < n; i++) {                                                             \
-            const WT *next = NULL;  /* rows are sequential: the hardware prefetcher is enough */ \
-            out[i] = dot_pf_##S(w + (int64_t)i * d, x, d, next) + (bias ? bias[i] : 0.f);         \
-        }                                                                                         \
+        for (int i = 0; i < n; i++)  /* sequential rows: the hardware prefetcher suffices */   \
+            out[i] = dot_##S(w + (int64_t)i * d, x, d) + (bias ? bias[i] : 0.f);                  \
     }
 
 DEFINE_GEMV(bf16, uint16_t)
