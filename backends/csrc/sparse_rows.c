@@ -46,26 +46,7 @@ DEFINE_ROW_OPS(f32, float, LOAD_F32)
 static inline __m512 load16_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
-static inline float dot_bf16(const uint16_t *restrict w, const float *restrict x, int n) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int i = 0;
-    for (; i + 64 <= n; i += 64) {
-        a0 = _mm512_fmadd_ps(load16_bf16(w + i), _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(load16_bf16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
-        a2 = _mm512_fmadd_ps(load16_bf16(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
-        a3 = _mm512_fmadd_ps(load16_bf16(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
-    }
-    float acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    return acc + (i < n ? dot_bf16_portable(w + i, x + i, n - i) : 0.f);
-}
-static inline void axpy_bf16(float a, const uint16_t *restrict w, float *restrict y, int n) {
-    __m512 va = _mm512_set1_ps(a);
-    int i = 0;
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, load16_bf16(w + i), _mm512_loadu_ps(y + i)));
-    if (i < n) axpy_bf16_portable(a, w + i, y + i, n - i);
-}
-/* The same, while prefetching the row that will be read next (`next`, same length) at the
+/* Dot and axpy over one row, prefetching the row that will be read next (`next`, same length) at the
  * same offset: selected rows are scattered, so the hardware prefetcher would restart on
  * every row; one row ahead (8 KB at d = 4096) covers the memory latency. */
 static inline float dot_pf_bf16(const uint16_t *restrict w, const float *restrict x, int n, const uint16_t *next) {
@@ -81,6 +62,9 @@ static inline float dot_pf_bf16(const uint16_t *restrict w, const float *restric
     float acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
     return acc + (i < n ? dot_bf16_portable(w + i, x + i, n - i) : 0.f);
 }
+static inline float dot_bf16(const uint16_t *restrict w, const float *restrict x, int n) {
+    return dot_pf_bf16(w, x, n, NULL);
+}
 static inline void axpy_pf_bf16(float a, const uint16_t *restrict w, float *restrict y, int n, const uint16_t *next) {
     __m512 va = _mm512_set1_ps(a);
     int i = 0;
@@ -93,7 +77,6 @@ static inline void axpy_pf_bf16(float a, const uint16_t *restrict w, float *rest
 }
 #else
 #define dot_bf16 dot_bf16_portable
-#define axpy_bf16 axpy_bf16_portable
 #define dot_pf_bf16(w, x, n, next) dot_bf16_portable(w, x, n)
 #define axpy_pf_bf16(a, w, y, n, next) axpy_bf16_portable(a, w, y, n)
 #endif
