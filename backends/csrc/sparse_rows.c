@@ -77,11 +77,11 @@ static inline void axpy_pf_bf16(float a, const uint16_t *restrict w, float *rest
 }
 #else
 #define dot_bf16 dot_bf16_portable
-#define dot_pf_bf16(w, x, n, next) dot_bf16_portable(w, x, n)
-#define axpy_pf_bf16(a, w, y, n, next) axpy_bf16_portable(a, w, y, n)
+#define dot_pf_bf16(w, x, n, next) ((void)(next), dot_bf16_portable(w, x, n))
+#define axpy_pf_bf16(a, w, y, n, next) ((void)(next), axpy_bf16_portable(a, w, y, n))
 #endif
-#define dot_pf_f32(w, x, n, next) dot_f32(w, x, n)
-#define axpy_pf_f32(a, w, y, n, next) axpy_f32(a, w, y, n)
+#define dot_pf_f32(w, x, n, next) ((void)(next), dot_f32(w, x, n))
+#define axpy_pf_f32(a, w, y, n, next) ((void)(next), axpy_f32(a, w, y, n))
 
 /* Add each thread's partial sum into out (one thread at a time; d floats each). */
 static void reduce_into(float *restrict out, const float *restrict part, int d) {
