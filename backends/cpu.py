@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
-from .interface import Executor, FFNWeights, LinearWeights, PredictorWeights, TopKWeights, activate
+from .interface import Executor, FFNWeights, LinearWeights, PredictorWeights, TopKWeights, activate, topk_indices
 
 
 # Above this share of a matrix's rows a sparse op reads all rows densely instead of gathering:
@@ -56,12 +56,12 @@ class TorchExecutor(Executor):
         if k >= w.weight_t.shape[0]:
             out = x @ w.weight_t
         elif x.shape[0] == 1:
-            idx = x[0].abs().topk(k, sorted=False).indices
+            idx = topk_indices(x[0], k)
             out = weighted_row_sum(w.weight_t, idx, x[:, idx])
         else:
             # Batch > 1: per-token Top-K (each token keeps its own K entries).  The union of
             # kept rows over several tokens is most rows, so one masked GEMM is cheaper.
-            idx = x.abs().topk(k, dim=-1, sorted=False).indices
+            idx = topk_indices(x, k)
             out = torch.zeros_like(x).scatter_(1, idx, x.gather(1, idx)) @ w.weight_t
         return out if w.bias is None else out + w.bias
 
@@ -108,9 +108,7 @@ class CpuExecutor(TorchExecutor):
     def topk_linear(self, x, w: TopKWeights, k=None):
         k = w.k if k is None else k
         if x.shape[0] == 1 and k < w.weight_t.shape[0] and native.supports(w.weight_t):
-            # Ascending rows: the kept ~60% of a matrix then streams almost sequentially.
-            idx = x[0].abs().topk(k, sorted=False).indices.sort().values
-            out = native.weighted_rows(w.weight_t, idx, x[0, idx]).to(x.dtype).unsqueeze(0)
+            out = native.topk_linear(w.weight_t, x[0], k).to(x.dtype).unsqueeze(0)
             return out if w.bias is None else out + w.bias
         return super().topk_linear(x, w, k)
 

@@ -155,3 +155,10 @@ def activate(g: torch.Tensor, act: str) -> torch.Tensor:
     if act == "silu":
         return torch.nn.functional.silu(g)
     raise ValueError(f"unknown activation {act!r}")
+
+
+def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest ``|x|`` along the last dim, ties going to the lower index
+    (a stable sort), so every backend and the native kernels keep the same entries even when
+    magnitudes tie, which bf16 activations and GQA-repeated values often do."""
+    return torch.sort(x.abs(), dim=-1, descending=True, stable=True).indices[..., :k]

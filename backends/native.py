@@ -52,7 +52,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     except OSError as e:
         return None, f"native library not loadable: {e}"
     for name in ("es_reglu_ffn_bf16", "es_reglu_ffn_f32", "es_weighted_rows_bf16", "es_weighted_rows_f32",
-                 "es_gemv_bf16", "es_gemv_f32"):
+                 "es_gemv_bf16", "es_gemv_f32", "es_topk_linear_bf16", "es_topk_linear_f32"):
         getattr(lib, name).restype = None
     return lib, f"native kernels ({out.name})"
 
@@ -114,4 +114,15 @@ def gemv(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> 
     out = torch.empty(w.shape[0], dtype=torch.float32)
     fn = getattr(lib(), "es_gemv_" + _SUFFIX[w.dtype])
     fn(_p(w), _p(x), _p(bias), int(w.shape[0]), int(w.shape[1]), torch.get_num_threads(), _p(out))
+    return out
+
+
+def topk_linear(w_t: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` largest ``|x_j|`` of one token ``x [d_in]`` (ties to the lower index,
+    like ``interface.topk_indices``) and return ``Σ_kept x_j · w_t[j]`` -> ``[d_out]`` fp32:
+    selection and row sum in one native call."""
+    x = x.float().contiguous()
+    out = torch.empty(w_t.shape[1], dtype=torch.float32)
+    fn = getattr(lib(), "es_topk_linear_" + _SUFFIX[w_t.dtype])
+    fn(_p(w_t), _p(x), int(w_t.shape[0]), int(w_t.shape[1]), int(k), torch.get_num_threads(), _p(out))
     return out

@@ -5,6 +5,7 @@ import torch
 
 from edgesparse.backends import native
 from edgesparse.backends.cpu import CpuExecutor
+from edgesparse.backends.interface import topk_indices
 
 needs_native = pytest.mark.skipif(native.lib() is None, reason=f"native kernels: {native.status()}")
 
@@ -73,6 +74,21 @@ def test_single_token_linear_and_dense_ffn_match_torch(dtype, tol):
     want = (torch.nn.functional.silu(x.float() @ gate.float().T) * (x.float() @ up.float().T)) @ down.float().T
     got = ex.ffn_dense(x, fw)
     assert torch.allclose(got.float(), want, atol=5 * tol, rtol=5 * tol)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_linear_selects_in_c_with_the_shared_tie_rule(dtype):
+    g = torch.Generator().manual_seed(4)
+    for d, k in [(5, 1), (64, 23), (333, 111), (333, 332), (2048, 1229)]:
+        w = torch.randn(d, 19, generator=g).to(dtype)
+        x = torch.randn(d, generator=g).to(dtype).float()   # bf16-rounded: many exact ties
+        idx = topk_indices(x, k)
+        assert torch.allclose(native.topk_linear(w, x, k), x[idx] @ w[idx].float(), atol=1e-3, rtol=1e-3)
+    x = torch.tensor([3.0, -1.0, 1.0, 0.5])   # |x| ties at the 2nd place: the lower index wins
+    assert topk_indices(x, 2).tolist() == [0, 1]
+    w = torch.randn(4, 3, generator=g).to(dtype)
+    assert torch.allclose(native.topk_linear(w, x, 2), 3 * w[0].float() - w[1].float(), atol=1e-3)
 
 
 def test_disabled_native_falls_back_to_torch(fresh_build, monkeypatch):

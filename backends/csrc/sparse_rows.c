@@ -176,3 +176,47 @@ DEFINE_ROWS(f32, float)
 
 DEFINE_GEMV(bf16, uint16_t)
 DEFINE_GEMV(f32, float)
+
+/* The k-th largest of a[0..n) (0 < k <= n), reordering a: quickselect. */
+static float kth_largest(float *a, int n, int k) {
+    int lo = 0, hi = n - 1, want = k - 1;
+    while (lo < hi) {
+        float pivot = a[lo + (hi - lo) / 2];
+        int i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] > pivot) i++;
+            while (a[j] < pivot) j--;
+            if (i <= j) { float t = a[i]; a[i] = a[j]; a[j] = t; i++; j--; }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else break;
+    }
+    return a[want];
+}
+
+/* Top-K linear of one token: keep the k largest |x_j|, ties at the k-th magnitude going to
+ * the lower j (bf16 activations tie often; `topk_indices` in interface.py applies the same
+ * rule on the torch paths, so every path keeps the same set), then out = sum over kept j of
+ * x_j * w_t[j].  The row list comes out ascending, so the kept rows stream nearly in order. */
+#define DEFINE_TOPK(S, WT)                                                                        \
+    void es_topk_linear_##S(const WT *w_t, const float *x, int d_in, int d_out, int k,              \
+                            int n_threads, float *out) {                                         \
+        float *mag = (float *)malloc(sizeof(float) * (size_t)d_in);                               \
+        int64_t *idx = (int64_t *)malloc(sizeof(int64_t) * (size_t)k);                            \
+        float *coef = (float *)malloc(sizeof(float) * (size_t)k);                                 \
+        for (int j = 0; j < d_in; j++) mag[j] = x[j] < 0 ? -x[j] : x[j];                          \
+        float t = kth_largest(mag, d_in, k);                                                      \
+        int above = 0;                                                                            \
+        for (int j = 0; j < d_in; j++) above += (x[j] < 0 ? -x[j] : x[j]) > t;                    \
+        int ties = k - above, n = 0;                                                              \
+        for (int j = 0; j < d_in && n < k; j++) {                                                 \
+            float m = x[j] < 0 ? -x[j] : x[j];                                                    \
+            if (m > t || (m == t && ties-- > 0)) { idx[n] = j; coef[n] = x[j]; n++; }             \
+        }                                                                                         \
+        es_weighted_rows_##S(w_t, idx, coef, n, d_out, n_threads, out);                           \
+        free(mag); free(idx); free(coef);                                                         \
+    }
+
+DEFINE_TOPK(bf16, uint16_t)
+DEFINE_TOPK(f32, float)

@@ -10,7 +10,7 @@ import functools
 import torch
 
 from ..cpu import TorchExecutor
-from ..interface import FFNWeights, PredictorWeights, TopKWeights
+from ..interface import FFNWeights, PredictorWeights, TopKWeights, topk_indices
 
 
 @functools.lru_cache(maxsize=1)
@@ -70,7 +70,7 @@ class CudaExecutor(TorchExecutor):
         k = w.k if k is None else k
         if self.kernels is None or k >= w.weight_t.shape[0] or x.shape[0] > 8:
             return super().topk_linear(x, w, k)
-        sel = x.abs().topk(k, dim=-1, sorted=False).indices
+        sel = topk_indices(x, k)
         if x.shape[0] == 1:
             rows = sel[0].sort().values
             coef = x[:, rows]
