@@ -8,6 +8,8 @@ is ~20x slower on fp32 CPU tensors in torch 2.13; measured in docs/performance.m
 mask is ever multiplied by zero.  The cann backend reuses these ops on the ``npu`` device."""
 from __future__ import annotations
 
+import mmap
+
 import torch
 import torch.nn.functional as F
 
@@ -78,6 +80,10 @@ class CpuExecutor(TorchExecutor):
     def availability(cls):
         return True, f"{torch.get_num_threads()} threads, {native.status()}"
 
+    def place(self, t, dtype=None):
+        t = super().place(t, dtype)
+        return huge_page_copy(t) if t.numel() * t.element_size() >= HUGE_PAGE else t
+
     def prepare_predictor(self, a, b, bias) -> PredictorWeights:
         # Stored transposed ([r, d] and [d_ff, r]) so each output of the native kernel reads a
         # contiguous row; the torch ops use the transposed views at no cost.
@@ -111,6 +117,26 @@ class CpuExecutor(TorchExecutor):
             out = native.topk_linear(w.weight_t, x[0], k).to(x.dtype).unsqueeze(0)
             return out if w.bias is None else out + w.bias
         return super().topk_linear(x, w, k)
+
+
+HUGE_PAGE = 2 << 20
+
+
+def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
+    """``t`` copied into 2 MB-aligned anonymous memory advised for transparent huge pages.
+
+    Sparse decode reads scattered 4-8 KB rows spread over hundreds of MB: with 4 KB pages
+    nearly every row costs a TLB miss and a page walk (a nested one in a VM).  With 2 MB pages
+    the gathered rows ran ~8% faster on the dev VM (docs/performance.md).  Where the OS has
+    no such advice (or THP is off) this is an ordinary private mapping and costs nothing."""
+    if not (hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_PRIVATE")):
+        return t
+    nbytes = t.numel() * t.element_size()
+    buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf.madvise(mmap.MADV_HUGEPAGE)   # before the first touch, so faults take 2 MB pages
+    raw = torch.frombuffer(buf, dtype=torch.uint8)   # the tensor's storage keeps buf alive
+    start = -raw.data_ptr() % HUGE_PAGE
+    return raw[start:start + nbytes].view(t.dtype).view(t.shape).copy_(t)
 
 
 def weighted_row_sum(weight: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
