@@ -91,30 +91,33 @@ class CpuExecutor(TorchExecutor):
 
     def linear(self, x, w: LinearWeights):
         if x.numel() == x.shape[-1] and native.supports(w.weight):   # one token
-            out = native.gemv(w.weight, x.reshape(-1), w.bias)
-            return out.to(x.dtype).view(*x.shape[:-1], -1)
+            return native.gemv(w.weight, x.reshape(-1), w.bias).view(*x.shape[:-1], -1)
         return super().linear(x, w)
+
+    def rms_norm(self, x, weight, eps):
+        if x.numel() == x.shape[-1] and x.dtype == weight.dtype and native.supports(weight):
+            return native.rms_norm(x.reshape(-1), weight, eps).view(x.shape)
+        return super().rms_norm(x, weight, eps)
 
     def ffn_dense(self, x, w: FFNWeights):
         if x.dim() == 2 and x.shape[0] == 1 and native.supports(w.down_t):
             # One token: gate/up as native GEMVs, the down projection as one native pass over
             # down_t's rows (embedding_bag over all rows ran at ~8 GB/s inside decode).
             h = activate(self.linear(x, LinearWeights(w.gate)), w.act) * self.linear(x, LinearWeights(w.up))
-            rows = torch.arange(h.shape[1])
-            return native.weighted_rows(w.down_t, rows, h[0]).to(x.dtype).unsqueeze(0)
+            return native.weighted_rows(w.down_t, None, h[0]).unsqueeze(0)
         return super().ffn_dense(x, w)
 
     def reglu_sparse(self, x, w, p):
         if x.shape[0] == 1 and native.supports(w.gate, w.up, w.down_t, *(() if p is None else (p.a.t(), p.b.t()))):
             out, n_cand, n_active = native.reglu_ffn(
                 x[0], w.gate, w.up, w.down_t, *((None, None, None) if p is None else (p.a.t(), p.b.t(), p.bias)))
-            return out.to(x.dtype).unsqueeze(0), n_cand, n_active
+            return out.unsqueeze(0), n_cand, n_active
         return super().reglu_sparse(x, w, p)
 
     def topk_linear(self, x, w: TopKWeights, k=None):
         k = w.k if k is None else k
         if x.shape[0] == 1 and k < w.weight_t.shape[0] and native.supports(w.weight_t):
-            out = native.topk_linear(w.weight_t, x[0], k).to(x.dtype).unsqueeze(0)
+            out = native.topk_linear(w.weight_t, x[0], k).unsqueeze(0)
             return out if w.bias is None else out + w.bias
         return super().topk_linear(x, w, k)
 

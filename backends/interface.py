@@ -87,6 +87,13 @@ class Executor(ABC):
     def linear(self, x: torch.Tensor, w: LinearWeights) -> torch.Tensor:
         """Dense ``x @ W.T + b``; x may be ``[..., d_in]``."""
 
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm over the last dim as transformers computes it: in fp32, rounded to the
+        activation dtype before the weight multiplies."""
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * xf.to(x.dtype)
+
     @abstractmethod
     def ffn_dense(self, x: torch.Tensor, w: FFNWeights) -> torch.Tensor:
         """Dense gated FFN ``down(act(gate x) * up x)`` for ``x [..., d]``."""

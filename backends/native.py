@@ -20,6 +20,16 @@ import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "sparse_rows.c"
 _state: dict = {}
+_SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
+_P, _I = ctypes.c_void_p, ctypes.c_int
+# Declared argument types: ctypes then takes data_ptr() ints and None (NULL) as they are.
+_SIGNATURES = {
+    "es_reglu_ffn": [_P] * 7 + [_I] * 4 + [_P, _P],
+    "es_weighted_rows": [_P, _P, _P, _I, _I, _I, _P],
+    "es_gemv": [_P, _P, _P, _I, _I, _I, _P],
+    "es_topk_linear": [_P, _P, _I, _I, _I, _I, _P],
+    "es_rms_norm": [_P, _P, ctypes.c_float, _I, _P],
+}
 
 
 def _cache_dir() -> Path:
@@ -42,7 +52,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             tmp_so = Path(tmp) / out.name
             cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11",
-                   str(SOURCE), "-o", str(tmp_so)]
+                   str(SOURCE), "-o", str(tmp_so), "-lm"]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
                 return None, f"native build failed: {(r.stderr.strip().splitlines() or ['?'])[0]}"
@@ -51,9 +61,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         lib = ctypes.CDLL(str(out))
     except OSError as e:
         return None, f"native library not loadable: {e}"
-    for name in ("es_reglu_ffn_bf16", "es_reglu_ffn_f32", "es_weighted_rows_bf16", "es_weighted_rows_f32",
-                 "es_gemv_bf16", "es_gemv_f32", "es_topk_linear_bf16", "es_topk_linear_f32"):
-        getattr(lib, name).restype = None
+    for name, argtypes in _SIGNATURES.items():
+        for suffix in _SUFFIX.values():
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes, fn.restype = argtypes, None
     return lib, f"native kernels ({out.name})"
 
 
@@ -68,9 +79,6 @@ def status() -> str:
     return _state["why"]
 
 
-_SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
-
-
 def supports(*tensors: torch.Tensor) -> bool:
     """True when the native kernels can run on these weights (cpu, bf16/fp32, contiguous)."""
     t0 = tensors[0]
@@ -78,51 +86,68 @@ def supports(*tensors: torch.Tensor) -> bool:
             all(t.device.type == "cpu" and t.dtype == t0.dtype and t.is_contiguous() for t in tensors))
 
 
-def _p(t: torch.Tensor | None):
-    return ctypes.c_void_p(0 if t is None else t.data_ptr())
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _fn(name: str, w: torch.Tensor):
+    return getattr(lib(), f"{name}_{_SUFFIX[w.dtype]}")
+
+
+# Activations are passed in the weights' dtype and results come back in it (the C code works
+# in fp32 inside and rounds like torch): no conversion ops around each call.  ``_act`` is a
+# no-op for the tensors the cpu executor passes; a converted copy must be held in a local
+# while C reads it.
+def _act(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.to(w.dtype).contiguous()
 
 
 def reglu_ffn(x: torch.Tensor, gate, up, down_t, a_t=None, b_t=None, bias=None) -> tuple[torch.Tensor, int, int]:
-    """One token ``x [d]`` -> ``(out [d] fp32, candidates, active)``; see the C file."""
+    """One token ``x [d]`` -> ``(out [d], candidates, active)``; see the C file."""
     f, d = gate.shape
-    r = 0 if a_t is None else a_t.shape[0]
-    x = x.float().contiguous()
-    out = torch.empty(d, dtype=torch.float32)
-    t_buf = torch.empty(max(r, 1), dtype=torch.float32)
-    counts = torch.zeros(2, dtype=torch.int64)
-    bias = None if bias is None else bias.float().contiguous()   # held: C reads its memory
-    fn = getattr(lib(), "es_reglu_ffn_" + _SUFFIX[gate.dtype])
-    fn(_p(x), _p(a_t), _p(b_t), _p(bias),
-       _p(gate), _p(up), _p(down_t), d, r, f, torch.get_num_threads(), _p(t_buf), _p(out), _p(counts))
-    return out, int(counts[0]), int(counts[1])
+    x, bias = _act(x, gate), None if bias is None else _act(bias, gate)   # held: C reads them
+    out = torch.empty(d, dtype=gate.dtype)
+    counts = (ctypes.c_int64 * 2)()
+    _fn("es_reglu_ffn", gate)(x.data_ptr(), _ptr(a_t), _ptr(b_t), _ptr(bias),
+                              gate.data_ptr(), up.data_ptr(), down_t.data_ptr(), d,
+                              0 if a_t is None else a_t.shape[0], f, torch.get_num_threads(), out.data_ptr(), counts)
+    return out, counts[0], counts[1]
 
 
-def weighted_rows(w: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """``coef [n] @ w[idx]`` -> ``[d_out]`` fp32, reading only the selected rows."""
-    idx = idx.to(torch.int64).contiguous()
-    coef = coef.float().contiguous()
-    out = torch.empty(w.shape[1], dtype=torch.float32)
-    fn = getattr(lib(), "es_weighted_rows_" + _SUFFIX[w.dtype])
-    fn(_p(w), _p(idx), _p(coef), int(idx.numel()), int(w.shape[1]), torch.get_num_threads(), _p(out))
+def weighted_rows(w: torch.Tensor, idx: torch.Tensor | None, coef: torch.Tensor) -> torch.Tensor:
+    """``coef [n] @ w[idx]`` -> ``[d_out]``, reading only the selected rows (idx None: all
+    rows in order, ``coef [n_rows]``)."""
+    idx = None if idx is None else idx.to(torch.int64).contiguous()
+    coef = _act(coef, w)
+    out = torch.empty(w.shape[1], dtype=w.dtype)
+    _fn("es_weighted_rows", w)(w.data_ptr(), _ptr(idx), coef.data_ptr(), coef.numel(), w.shape[1],
+                               torch.get_num_threads(), out.data_ptr())
     return out
 
 
 def gemv(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``w [n, d] @ x [d] (+ bias)`` -> ``[n]`` fp32 in one streaming pass over ``w``."""
-    x = x.float().contiguous()
-    bias = None if bias is None else bias.float().contiguous()
-    out = torch.empty(w.shape[0], dtype=torch.float32)
-    fn = getattr(lib(), "es_gemv_" + _SUFFIX[w.dtype])
-    fn(_p(w), _p(x), _p(bias), int(w.shape[0]), int(w.shape[1]), torch.get_num_threads(), _p(out))
+    """``w [n, d] @ x [d] (+ bias)`` -> ``[n]`` in one streaming pass over ``w``."""
+    x, bias = _act(x, w), None if bias is None else _act(bias, w)
+    out = torch.empty(w.shape[0], dtype=w.dtype)
+    _fn("es_gemv", w)(w.data_ptr(), x.data_ptr(), _ptr(bias),
+                      w.shape[0], w.shape[1], torch.get_num_threads(), out.data_ptr())
     return out
 
 
 def topk_linear(w_t: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the ``k`` largest ``|x_j|`` of one token ``x [d_in]`` (ties to the lower index,
-    like ``interface.topk_indices``) and return ``Σ_kept x_j · w_t[j]`` -> ``[d_out]`` fp32:
+    like ``interface.topk_indices``) and return ``Σ_kept x_j · w_t[j]`` -> ``[d_out]``:
     selection and row sum in one native call."""
-    x = x.float().contiguous()
-    out = torch.empty(w_t.shape[1], dtype=torch.float32)
-    fn = getattr(lib(), "es_topk_linear_" + _SUFFIX[w_t.dtype])
-    fn(_p(w_t), _p(x), int(w_t.shape[0]), int(w_t.shape[1]), int(k), torch.get_num_threads(), _p(out))
+    x = _act(x, w_t)
+    out = torch.empty(w_t.shape[1], dtype=w_t.dtype)
+    _fn("es_topk_linear", w_t)(w_t.data_ptr(), x.data_ptr(), w_t.shape[0], w_t.shape[1], int(k),
+                               torch.get_num_threads(), out.data_ptr())
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of one row ``x [d]`` computed like transformers' (see the C file)."""
+    x = _act(x, weight)
+    out = torch.empty_like(weight)
+    _fn("es_rms_norm", weight)(x.data_ptr(), weight.data_ptr(), eps, weight.numel(), out.data_ptr())
     return out

@@ -42,13 +42,6 @@ class KVCache:
     length: int = 0        # slots filled so far (same for every row: prompts are left-padded)
 
 
-def rms_norm(x, weight, eps):
-    # In float32 like transformers, then back to the activation dtype.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
 def rotate_half(x):
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -146,7 +139,7 @@ class DecoderModel:
             x = self.ex.linear(x, self.in_rotation)
         nq, nkv, hd = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.head_dim
         for li, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.attn_norm, s.eps)
+            h = self.ex.rms_norm(x, layer.attn_norm, s.eps)
             if self.observer is not None:
                 self.observer(li, "attn_in", h, valid)
             qkv = self._proj(h, layer.qkv, attn_sparse)
@@ -162,7 +155,7 @@ class DecoderModel:
             x = x + self._proj(att.transpose(1, 2).reshape(B, T, nq), layer.o, attn_sparse)
             if layer.attn_adapter is not None:
                 x = self.ex.linear(x, layer.attn_adapter)
-            h = rms_norm(x, layer.mlp_norm, s.eps)
+            h = self.ex.rms_norm(x, layer.mlp_norm, s.eps)
             if self.observer is not None:
                 self.observer(li, "mlp_in", h, valid)
             x = x + ffn_forward(self.ex, h, layer, mode, self.stats.layer(li))
@@ -171,7 +164,7 @@ class DecoderModel:
         cache.length = end
         if self.out_rotation is not None:
             x = self.ex.linear(x, self.out_rotation)
-        x = rms_norm(x if all_logits else x[:, -1:], self.norm, s.eps)
+        x = self.ex.rms_norm(x if all_logits else x[:, -1:], self.norm, s.eps)
         logits = self.ex.linear(x, self.lm_head)
         return logits if all_logits else logits[:, -1]
 

@@ -21,6 +21,13 @@ def fresh_build(monkeypatch, tmp_path):
     native._state.update(saved)
 
 
+def close(got, want_fp32, dtype):
+    """Native results come back in the weights' dtype: compare with the fp32 reference rounded
+    the same way (bf16: one rounding step of slack for a different summation order)."""
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    return got.dtype == dtype and torch.allclose(got.float(), want_fp32.to(dtype).float(), atol=tol, rtol=tol)
+
+
 def layer(d, f, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     gate, up = torch.randn(f, d, generator=g) / d**0.5, torch.randn(f, d, generator=g) / d**0.5
@@ -56,9 +63,10 @@ def test_weighted_rows_reads_the_given_rows(dtype):
     w = torch.randn(300, 37, generator=g).to(dtype)
     for n in (0, 1, 150, 300):
         idx = torch.randperm(300, generator=g)[:n]
-        coef = torch.randn(n, generator=g)
-        want = coef @ w[idx].float()
-        assert torch.allclose(native.weighted_rows(w, idx, coef), want, atol=1e-3, rtol=1e-3)
+        coef = torch.randn(n, generator=g).to(dtype)
+        assert close(native.weighted_rows(w, idx, coef), coef.float() @ w[idx].float(), dtype)
+    coef = torch.randn(300, generator=g).to(dtype)   # no index list: every row, in order
+    assert close(native.weighted_rows(w, None, coef), coef.float() @ w.float(), dtype)
 
 
 @needs_native
@@ -82,13 +90,28 @@ def test_topk_linear_selects_in_c_with_the_shared_tie_rule(dtype):
     g = torch.Generator().manual_seed(4)
     for d, k in [(5, 1), (64, 23), (333, 111), (333, 332), (2048, 1229)]:
         w = torch.randn(d, 19, generator=g).to(dtype)
-        x = torch.randn(d, generator=g).to(dtype).float()   # bf16-rounded: many exact ties
+        x = torch.randn(d, generator=g).to(dtype)   # bf16: many exact ties
         idx = topk_indices(x, k)
-        assert torch.allclose(native.topk_linear(w, x, k), x[idx] @ w[idx].float(), atol=1e-3, rtol=1e-3)
+        assert close(native.topk_linear(w, x, k), x[idx].float() @ w[idx].float(), dtype)
     x = torch.tensor([3.0, -1.0, 1.0, 0.5])   # |x| ties at the 2nd place: the lower index wins
     assert topk_indices(x, 2).tolist() == [0, 1]
     w = torch.randn(4, 3, generator=g).to(dtype)
-    assert torch.allclose(native.topk_linear(w, x, 2), 3 * w[0].float() - w[1].float(), atol=1e-3)
+    assert close(native.topk_linear(w, x.to(dtype), 2), 3 * w[0].float() - w[1].float(), dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_the_torch_reference(dtype):
+    g = torch.Generator().manual_seed(5)
+    ex = CpuExecutor("cpu")
+    torch_ops = super(CpuExecutor, ex)
+    for d in (7, 64, 2048):
+        x = (3 * torch.randn(1, 1, d, generator=g)).to(dtype)
+        w = torch.randn(d, generator=g).to(dtype)
+        got, want = ex.rms_norm(x, w, 1e-5), torch_ops.rms_norm(x, w, 1e-5)
+        assert got.shape == want.shape and got.dtype == dtype
+        # bf16: the fp32 mean may differ in its last bit (summation order) and flip a rounding
+        assert torch.allclose(got.float(), want.float(), atol=0, rtol=1e-6 if dtype == torch.float32 else 8e-3)
 
 
 def test_disabled_native_falls_back_to_torch(fresh_build, monkeypatch):

@@ -8,12 +8,15 @@
  *
  * Portable C: the inner loops are `omp simd` reductions that gcc/clang vectorise for the
  * target (AVX-512/AVX2 on x86, NEON on aarch64/Jetson).  Weights are bf16 (stored as
- * uint16) or fp32; activations and accumulation are fp32.  Threads: OpenMP, sharing the
- * libgomp runtime torch has already loaded (same soname), so there is one thread pool.
+ * uint16) or fp32.  Activations come in and results go out in the weights' dtype (no
+ * conversion ops around each call); inside, everything is fp32, and bf16 results are rounded
+ * to nearest-even like torch's.  Threads: OpenMP, sharing the libgomp runtime torch has
+ * already loaded (same soname), so there is one thread pool.
  */
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
+#include <math.h>
 #include <omp.h>
 
 static inline float bf16_to_f32(uint16_t v) {
@@ -22,6 +25,19 @@ static inline float bf16_to_f32(uint16_t v) {
     memcpy(&f, &u, sizeof f);
     return f;
 }
+
+static inline uint16_t f32_to_bf16(float f) {   /* round to nearest even, NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+#define LOAD_F32(v) (v)
+#define STORE_F32(v) (v)
+#define LOAD_bf16 bf16_to_f32
+#define LOAD_f32 LOAD_F32
+#define STORE_bf16 f32_to_bf16
+#define STORE_f32 STORE_F32
 
 #define DEFINE_ROW_OPS(SUFFIX, WT, LOAD)                                                   \
     static inline float dot_##SUFFIX(const WT *restrict w, const float *restrict x, int n) { \
@@ -35,7 +51,6 @@ static inline float bf16_to_f32(uint16_t v) {
         for (int i = 0; i < n; i++) y[i] += a * LOAD(w[i]);                              \
     }
 
-#define LOAD_F32(v) (v)
 DEFINE_ROW_OPS(bf16_portable, uint16_t, bf16_to_f32)
 DEFINE_ROW_OPS(f32, float, LOAD_F32)
 
@@ -99,19 +114,33 @@ static inline void axpy_bf16(float a, const uint16_t *restrict w, float *restric
 #endif
 #define SPLIT_f32 0
 
-/* x (natural order) -> xs (the order the dot/axpy of a weight type expect), and back. */
-static void to_kernel_order(const float *x, float *xs, int n, int split) {
-    int nb = split ? n / 32 * 32 : 0;
-    for (int b = 0; b < nb; b += 32)
-        for (int i = 0; i < 16; i++) { xs[b + i] = x[b + 2 * i]; xs[b + 16 + i] = x[b + 2 * i + 1]; }
-    memcpy(xs + nb, x + nb, sizeof(float) * (size_t)(n - nb));
-}
-static void from_kernel_order(const float *xs, float *x, int n, int split) {
-    int nb = split ? n / 32 * 32 : 0;
-    for (int b = 0; b < nb; b += 32)
-        for (int i = 0; i < 16; i++) { x[b + 2 * i] = xs[b + i]; x[b + 2 * i + 1] = xs[b + 16 + i]; }
-    memcpy(x + nb, xs + nb, sizeof(float) * (size_t)(n - nb));
-}
+/* Activations x (natural order, weight dtype) -> xs (fp32, in the order the dot/axpy of
+ * that weight type expect); fp32 results (kernel order) -> out (natural order, weight
+ * dtype), adding an optional bias first. */
+#define DEFINE_LOAD_SPLIT(NAME, XT, LOAD, SPLIT)                                                 \
+    static void NAME(const XT *x, float *xs, int n) {                                             \
+        int nb = (SPLIT) ? n / 32 * 32 : 0;                                                       \
+        for (int b = 0; b < nb; b += 32)                                                          \
+            for (int i = 0; i < 16; i++) { xs[b + i] = LOAD(x[b + 2 * i]); xs[b + 16 + i] = LOAD(x[b + 2 * i + 1]); } \
+        for (int i = nb; i < n; i++) xs[i] = LOAD(x[i]);                                          \
+    }
+DEFINE_LOAD_SPLIT(load_split_bf16, uint16_t, bf16_to_f32, SPLIT_bf16)
+DEFINE_LOAD_SPLIT(load_split_f32, float, LOAD_F32, SPLIT_f32)
+DEFINE_LOAD_SPLIT(split_hidden_bf16, float, LOAD_F32, SPLIT_bf16)   /* fp32 predictor hidden */
+#define split_hidden_f32 load_split_f32
+
+#define DEFINE_STORE_MERGED(S, WT, LOAD, STORE)                                                   \
+    static void store_merged_##S(const float *acc, const WT *bias, WT *out, int n) {              \
+        int nb = SPLIT_##S ? n / 32 * 32 : 0;                                                     \
+        for (int b = 0; b < nb; b += 32)                                                          \
+            for (int i = 0; i < 16; i++) {                                                        \
+                out[b + 2 * i] = STORE(acc[b + i] + (bias ? LOAD(bias[b + 2 * i]) : 0.f));        \
+                out[b + 2 * i + 1] = STORE(acc[b + 16 + i] + (bias ? LOAD(bias[b + 2 * i + 1]) : 0.f)); \
+            }                                                                                     \
+        for (int i = nb; i < n; i++) out[i] = STORE(acc[i] + (bias ? LOAD(bias[i]) : 0.f));       \
+    }
+DEFINE_STORE_MERGED(bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+DEFINE_STORE_MERGED(f32, float, LOAD_F32, STORE_F32)
 
 /* Add each thread's partial sum into out (one thread at a time; d floats each). */
 static void reduce_into(float *restrict out, const float *restrict part, int d) {
@@ -146,14 +175,14 @@ DEFINE_SEQ_DOTS(f32, float)
  * of the neurons whose ReLU(gate) > 0.  Two passes let every prefetch be for a row that will
  * be read: a single interleaved pass would prefetch up/down rows of false positives. */
 #define DEFINE_FFN(S, WT)                                                                         \
-    void es_reglu_ffn_##S(const float *x, const WT *pred_a_t, const WT *pred_b_t,                   \
-                          const float *pred_bias, const WT *gate, const WT *up,                   \
-                          const WT *down_t, int d, int r, int f, int n_threads,                    \
-                          float *t_buf, float *out, int64_t *counts) {                            \
+    void es_reglu_ffn_##S(const WT *x, const WT *pred_a_t, const WT *pred_b_t, const WT *pred_bias, \
+                          const WT *gate, const WT *up, const WT *down_t, int d, int r, int f,      \
+                          int n_threads, WT *out, int64_t *counts) {                              \
         int64_t n_cand = 0, n_active = 0, row = (int64_t)d * (int64_t)sizeof(WT);                \
         float *xs = (float *)malloc(sizeof(float) * (size_t)d);                                   \
         float *acc = (float *)calloc((size_t)d, sizeof(float));                                   \
-        to_kernel_order(x, xs, d, SPLIT_##S);                                                     \
+        float *t_buf = (float *)malloc(sizeof(float) * (size_t)(r + 1));                          \
+        load_split_##S(x, xs, d);                                                                 \
         _Pragma("omp parallel num_threads(n_threads) reduction(+:n_cand, n_active)")              \
         {                                                                                         \
             if (pred_a_t) {                                                                       \
@@ -168,11 +197,11 @@ DEFINE_SEQ_DOTS(f32, float)
             int *ids = (int *)malloc(sizeof(int) * (size_t)(hi - lo + 1));                        \
             int nc = 0, na = 0;                                                                   \
             if (pred_a_t) {                                                                       \
-                to_kernel_order(t_buf, ts, r, SPLIT_##S);                                         \
+                split_hidden_##S(t_buf, ts, r);                                                   \
                 seq_dots_##S(pred_b_t, lo, hi, r, ts, val);                                       \
             }                                                                                     \
             for (int64_t i = lo; i < hi; i++)                                                     \
-                if (!pred_a_t || val[i - lo] + pred_bias[i] > 0.f) ids[nc++] = (int)i;            \
+                if (!pred_a_t || val[i - lo] + LOAD_##S(pred_bias[i]) > 0.f) ids[nc++] = (int)i;  \
             /* pass 1: gate rows of the candidates -> ids/val become the active neurons */      \
             int64_t lead = rows_ahead(row);                                                       \
             for (int k = 0; k < nc; k++) {                                                        \
@@ -193,8 +222,8 @@ DEFINE_SEQ_DOTS(f32, float)
             reduce_into(acc, part, d);                                                            \
             free(ids); free(val); free(ts); free(part);                                           \
         }                                                                                         \
-        from_kernel_order(acc, out, d, SPLIT_##S);                                                \
-        free(acc); free(xs);                                                                      \
+        store_merged_##S(acc, NULL, out, d);                                                      \
+        free(t_buf); free(acc); free(xs);                                                         \
         counts[0] = n_cand;                                                                       \
         counts[1] = n_active;                                                                     \
     }
@@ -202,28 +231,34 @@ DEFINE_SEQ_DOTS(f32, float)
 DEFINE_FFN(bf16, uint16_t)
 DEFINE_FFN(f32, float)
 
-/* out[d_out] = sum_j coef[j] * w[idx[j]] : the Top-K linear and any down projection over a
- * given row set.  Threads split the rows (each whole row streams through one core) into
- * private sums that are added at the end; splitting the columns instead made each core read
- * half-rows and ran ~35% slower. */
+/* acc[d_out] (kernel order, zeroed) += sum_j coef[j] * w[idx[j]] (idx NULL: row j): the
+ * Top-K linear and any down projection over a given row set.  Threads split the rows (each
+ * whole row streams through one core) into private sums that are added at the end; splitting
+ * the columns instead made each core read half-rows and ran ~35% slower. */
 #define DEFINE_ROWS(S, WT)                                                                        \
-    void es_weighted_rows_##S(const WT *w, const int64_t *idx, const float *coef, int n,            \
-                              int d_out, int n_threads, float *out) {                            \
+    static void rows_into_##S(const WT *w, const int64_t *idx, const float *coef, int n,          \
+                              int d_out, int n_threads, float *acc) {                            \
         int64_t row = (int64_t)d_out * (int64_t)sizeof(WT), lead = rows_ahead(row);               \
-        float *acc = (float *)calloc((size_t)d_out, sizeof(float));                               \
         _Pragma("omp parallel num_threads(n_threads)")                                            \
         {                                                                                         \
             THREAD_RANGE(n, lo, hi);                                                              \
             float *part = (float *)calloc((size_t)d_out, sizeof(float));                          \
             for (int64_t j = lo; j < hi; j++) {                                                   \
-                if (j + lead < hi) prefetch_row(w + idx[j + lead] * (int64_t)d_out, row);         \
-                axpy_##S(coef[j], w + idx[j] * (int64_t)d_out, part, d_out);                      \
+                if (j + lead < hi) prefetch_row(w + (idx ? idx[j + lead] : j + lead) * (int64_t)d_out, row); \
+                axpy_##S(coef[j], w + (idx ? idx[j] : j) * (int64_t)d_out, part, d_out);          \
             }                                                                                     \
             if (hi > lo) reduce_into(acc, part, d_out);                                           \
             free(part);                                                                           \
         }                                                                                         \
-        from_kernel_order(acc, out, d_out, SPLIT_##S);                                            \
-        free(acc);                                                                                \
+    }                                                                                             \
+    void es_weighted_rows_##S(const WT *w, const int64_t *idx, const WT *coef, int n, int d_out,    \
+                              int n_threads, WT *out) {                                          \
+        float *cf = (float *)malloc(sizeof(float) * (size_t)(n + 1));                             \
+        float *acc = (float *)calloc((size_t)d_out, sizeof(float));                               \
+        for (int j = 0; j < n; j++) cf[j] = LOAD_##S(coef[j]);                                    \
+        rows_into_##S(w, idx, cf, n, d_out, n_threads, acc);                                      \
+        store_merged_##S(acc, NULL, out, d_out);                                                  \
+        free(acc); free(cf);                                                                      \
     }
 
 DEFINE_ROWS(bf16, uint16_t)
@@ -232,17 +267,18 @@ DEFINE_ROWS(f32, float)
 /* out[n] = w[n, d] @ x[d] (+ bias): the dense single-token linear (attention projections,
  * lm_head, the dense FFN's gate/up) as one streaming pass with fp32 accumulation. */
 #define DEFINE_GEMV(S, WT)                                                                        \
-    void es_gemv_##S(const WT *w, const float *x, const float *bias, int n, int d, int n_threads,    \
-                     float *out) {                                                                \
+    void es_gemv_##S(const WT *w, const WT *x, const WT *bias, int n, int d, int n_threads, WT *out) { \
         float *xs = (float *)malloc(sizeof(float) * (size_t)d);                                   \
-        to_kernel_order(x, xs, d, SPLIT_##S);                                                     \
+        float *acc = (float *)malloc(sizeof(float) * (size_t)n);                                  \
+        load_split_##S(x, xs, d);                                                                 \
         _Pragma("omp parallel num_threads(n_threads)")                                            \
         {                                                                                         \
             THREAD_RANGE(n, lo, hi);                                                              \
-            seq_dots_##S(w, lo, hi, d, xs, out + lo);                                             \
-            if (bias) for (int64_t i = lo; i < hi; i++) out[i] += bias[i];                        \
+            seq_dots_##S(w, lo, hi, d, xs, acc + lo);                                             \
+            for (int64_t i = lo; i < hi; i++)                                                     \
+                out[i] = STORE_##S(acc[i] + (bias ? LOAD_##S(bias[i]) : 0.f));                    \
         }                                                                                         \
-        free(xs);                                                                                 \
+        free(acc); free(xs);                                                                      \
     }
 
 DEFINE_GEMV(bf16, uint16_t)
@@ -271,12 +307,14 @@ static float kth_largest(float *a, int n, int k) {
  * rule on the torch paths, so every path keeps the same set), then out = sum over kept j of
  * x_j * w_t[j].  The row list comes out ascending, so the kept rows stream nearly in order. */
 #define DEFINE_TOPK(S, WT)                                                                        \
-    void es_topk_linear_##S(const WT *w_t, const float *x, int d_in, int d_out, int k,              \
-                            int n_threads, float *out) {                                         \
+    void es_topk_linear_##S(const WT *w_t, const WT *x_in, int d_in, int d_out, int k,              \
+                            int n_threads, WT *out) {                                            \
+        float *x = (float *)malloc(sizeof(float) * (size_t)d_in);                                 \
         float *mag = (float *)malloc(sizeof(float) * (size_t)d_in);                               \
         int64_t *idx = (int64_t *)malloc(sizeof(int64_t) * (size_t)k);                            \
         float *coef = (float *)malloc(sizeof(float) * (size_t)k);                                 \
-        for (int j = 0; j < d_in; j++) mag[j] = x[j] < 0 ? -x[j] : x[j];                          \
+        float *acc = (float *)calloc((size_t)d_out, sizeof(float));                               \
+        for (int j = 0; j < d_in; j++) { x[j] = LOAD_##S(x_in[j]); mag[j] = x[j] < 0 ? -x[j] : x[j]; } \
         float t = kth_largest(mag, d_in, k);                                                      \
         int above = 0;                                                                            \
         for (int j = 0; j < d_in; j++) above += (x[j] < 0 ? -x[j] : x[j]) > t;                    \
@@ -285,9 +323,24 @@ static float kth_largest(float *a, int n, int k) {
             float m = x[j] < 0 ? -x[j] : x[j];                                                    \
             if (m > t || (m == t && ties-- > 0)) { idx[n] = j; coef[n] = x[j]; n++; }             \
         }                                                                                         \
-        es_weighted_rows_##S(w_t, idx, coef, n, d_out, n_threads, out);                           \
-        free(mag); free(idx); free(coef);                                                         \
+        rows_into_##S(w_t, idx, coef, n, d_out, n_threads, acc);                                  \
+        store_merged_##S(acc, NULL, out, d_out);                                                  \
+        free(acc); free(coef); free(idx); free(mag); free(x);                                     \
     }
 
 DEFINE_TOPK(bf16, uint16_t)
 DEFINE_TOPK(f32, float)
+
+/* RMSNorm of one row, as transformers computes it: fp32 mean of squares, x * rsqrt(var + eps)
+ * rounded to the activation dtype, then times the weight (rounded again). */
+#define DEFINE_RMS_NORM(S, WT)                                                                    \
+    void es_rms_norm_##S(const WT *x, const WT *w, float eps, int n, WT *out) {                    \
+        float ss = 0.f;                                                                           \
+        for (int i = 0; i < n; i++) { float v = LOAD_##S(x[i]); ss += v * v; }                    \
+        float r = 1.f / sqrtf(ss / (float)n + eps);                                               \
+        for (int i = 0; i < n; i++)                                                               \
+            out[i] = STORE_##S(LOAD_##S(w[i]) * LOAD_##S(STORE_##S(LOAD_##S(x[i]) * r)));         \
+    }
+
+DEFINE_RMS_NORM(bf16, uint16_t)
+DEFINE_RMS_NORM(f32, float)
