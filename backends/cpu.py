@@ -99,6 +99,11 @@ class CpuExecutor(TorchExecutor):
             return native.rms_norm(x.reshape(-1), weight, eps).view(x.shape)
         return super().rms_norm(x, weight, eps)
 
+    def decode_attention(self, qkv, cos, sin, cache_k, cache_v, slot, first, n_heads):
+        if native.supports(cache_k, cache_v, qkv, cos, sin):
+            return native.decode_attention(qkv, cos, sin, cache_k, cache_v, slot, first, n_heads)
+        return super().decode_attention(qkv, cos, sin, cache_k, cache_v, slot, first, n_heads)
+
     def ffn_dense(self, x, w: FFNWeights):
         if x.dim() == 2 and x.shape[0] == 1 and native.supports(w.down_t):
             # One token: gate/up as native GEMVs, the down projection as one native pass over

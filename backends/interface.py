@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -94,6 +95,22 @@ class Executor(ABC):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         return weight * xf.to(x.dtype)
 
+    def decode_attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
+                         cache_v: torch.Tensor, slot: int, first: int, n_heads: int) -> torch.Tensor:
+        """Attention for one new token of one sequence with no padding: ``qkv [nq + 2 nkv]``
+        its fused projections, ``cos``/``sin [head_dim]`` its RoPE row.  Rotates q and k,
+        writes k and v into ``cache_k``/``cache_v [n_kv, S, head_dim]`` at ``slot`` and
+        attends over slots ``first..slot``.  Returns ``[n_heads * head_dim]``.  Backends fuse
+        this (decode runs it once per layer per token); the default is the general path's ops."""
+        n_kv, _, hd = cache_k.shape
+        nq, nkv = n_heads * hd, n_kv * hd
+        q = rope(qkv[:nq].view(n_heads, 1, hd), cos, sin)
+        cache_k[:, slot] = rope(qkv[nq:nq + nkv].view(n_kv, hd), cos, sin)
+        cache_v[:, slot] = qkv[nq + nkv:].view(n_kv, hd)
+        att = F.scaled_dot_product_attention(q[None], cache_k[None, :, first:slot + 1], cache_v[None, :, first:slot + 1],
+                                             enable_gqa=n_kv != n_heads)
+        return att.reshape(nq)
+
     @abstractmethod
     def ffn_dense(self, x: torch.Tensor, w: FFNWeights) -> torch.Tensor:
         """Dense gated FFN ``down(act(gate x) * up x)`` for ``x [..., d]``."""
@@ -162,6 +179,13 @@ def activate(g: torch.Tensor, act: str) -> torch.Tensor:
     if act == "silu":
         return torch.nn.functional.silu(g)
     raise ValueError(f"unknown activation {act!r}")
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, rotate-half convention (Llama, Mistral, Qwen2), as transformers
+    computes it in the activation dtype."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -29,6 +29,7 @@ _SIGNATURES = {
     "es_gemv": [_P, _P, _P, _I, _I, _I, _P],
     "es_topk_linear": [_P, _P, _I, _I, _I, _I, _P],
     "es_rms_norm": [_P, _P, ctypes.c_float, _I, _P],
+    "es_decode_attention": [_P] * 5 + [_I] * 7 + [_P],
 }
 
 
@@ -150,4 +151,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x = _act(x, weight)
     out = torch.empty_like(weight)
     _fn("es_rms_norm", weight)(x.data_ptr(), weight.data_ptr(), eps, weight.numel(), out.data_ptr())
+    return out
+
+
+def decode_attention(qkv: torch.Tensor, cos, sin, cache_k, cache_v, slot: int, first: int, n_heads: int) -> torch.Tensor:
+    """One token of one sequence: RoPE, cache write at ``slot``, attention over slots
+    ``first..slot`` -> ``[n_heads * head_dim]`` (see ``Executor.decode_attention``)."""
+    n_kv, max_len, hd = cache_k.shape
+    qkv, cos, sin = _act(qkv, cache_k), _act(cos, cache_k), _act(sin, cache_k)
+    out = torch.empty(n_heads * hd, dtype=cache_k.dtype)
+    _fn("es_decode_attention", cache_k)(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), cache_k.data_ptr(),
+                                        cache_v.data_ptr(), n_heads, n_kv, hd, max_len, slot, first,
+                                        torch.get_num_threads(), out.data_ptr())
     return out

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from edgesparse.backends.interface import Executor, FFNWeights, LinearWeights, PredictorWeights, TopKWeights
+from edgesparse.backends.interface import Executor, FFNWeights, LinearWeights, PredictorWeights, TopKWeights, rope
 from .errors import InvalidOptionError
 from .spec import ModelSpec
 from .sparse_ffn import FFN_MODES, StatsBook, ffn_forward
@@ -40,11 +40,7 @@ class KVCache:
     v: list[torch.Tensor]
     valid: torch.Tensor    # [B, S] bool: slot holds a real (non-padding) token
     length: int = 0        # slots filled so far (same for every row: prompts are left-padded)
-
-
-def rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    padded: bool = False   # some slot holds padding (then attention needs the mask)
 
 
 @dataclass
@@ -129,8 +125,16 @@ class DecoderModel:
         if end > cache.k[0].shape[2]:
                 raise InvalidOptionError(f"sequence of {end} tokens exceeds the cache ({cache.k[0].shape[2]})")
         cache.valid[:, start:end] = True if valid is None else valid
-        mask = self._attention_mask(cache, start, end)
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        cache.padded = cache.padded or (valid is not None and not bool(valid.all()))
+        # One token of one unpadded sequence (every decode step of a single chat) takes the
+        # executor's fused attention; anything else the general masked path.
+        single = B == 1 and T == 1 and not cache.padded
+        first = max(0, end - s.sliding_window) if s.sliding_window else 0
+        if single:
+            cos, sin = self.cos[positions[0, 0]], self.sin[positions[0, 0]]
+        else:
+            mask = self._attention_mask(cache, start, end)
+            cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
         sparse = T == 1 or sparse_prefill
         mode = self.ffn_mode if sparse else "dense"
         attn_sparse = sparse and self.attn_mode == "topk"
@@ -143,16 +147,20 @@ class DecoderModel:
             if self.observer is not None:
                 self.observer(li, "attn_in", h, valid)
             qkv = self._proj(h, layer.qkv, attn_sparse)
-            q = qkv[..., :nq].view(B, T, s.n_heads, hd).transpose(1, 2)
-            k = qkv[..., nq:nq + nkv].view(B, T, s.n_kv_heads, hd).transpose(1, 2)
-            v = qkv[..., nq + nkv:].view(B, T, s.n_kv_heads, hd).transpose(1, 2)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            cache.k[li][:, :, start:end] = k
-            cache.v[li][:, :, start:end] = v
-            att = F.scaled_dot_product_attention(q, cache.k[li][:, :, :end], cache.v[li][:, :, :end],
-                                                 attn_mask=mask, enable_gqa=s.n_kv_heads != s.n_heads)
-            x = x + self._proj(att.transpose(1, 2).reshape(B, T, nq), layer.o, attn_sparse)
+            if single:
+                att = self.ex.decode_attention(qkv.view(-1), cos, sin, cache.k[li][0], cache.v[li][0],
+                                               start, first, s.n_heads).view(1, 1, nq)
+            else:
+                q = qkv[..., :nq].view(B, T, s.n_heads, hd).transpose(1, 2)
+                k = qkv[..., nq:nq + nkv].view(B, T, s.n_kv_heads, hd).transpose(1, 2)
+                v = qkv[..., nq + nkv:].view(B, T, s.n_kv_heads, hd).transpose(1, 2)
+                q, k = rope(q, cos, sin), rope(k, cos, sin)
+                cache.k[li][:, :, start:end] = k
+                cache.v[li][:, :, start:end] = v
+                att = F.scaled_dot_product_attention(q, cache.k[li][:, :, :end], cache.v[li][:, :, :end],
+                                                     attn_mask=mask, enable_gqa=s.n_kv_heads != s.n_heads)
+                att = att.transpose(1, 2).reshape(B, T, nq)
+            x = x + self._proj(att, layer.o, attn_sparse)
             if layer.attn_adapter is not None:
                 x = self.ex.linear(x, layer.attn_adapter)
             h = self.ex.rms_norm(x, layer.mlp_norm, s.eps)

@@ -58,6 +58,11 @@ def check_contract(ex, tol=1e-4, dtype=torch.float32):
             pw = ex.prepare_predictor(a_, b_, bias)
             close(ex.lowrank_scores(x.to(dev), pw), x @ a_ @ b_ + bias, f"lowrank_scores r={r}")
         check_reglu_sparse(ex, x, gate, up, down, rnd, close)
+        nw = rnd(d)
+        for xs in (x, x[:1].view(1, 1, d)):   # batch rows, and one token (native on cpu)
+            xf = xs.float()
+            ref = nw * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5))
+            close(ex.rms_norm(xs.to(dev), nw.to(dev), 1e-5), ref, f"rms_norm {tuple(xs.shape)}")
         for share in (0.0, 1 / dff, 0.5, 1.0):
             mask = torch.rand(batch, dff, generator=gen) < share
             if share == 1 / dff:
@@ -65,6 +70,39 @@ def check_contract(ex, tol=1e-4, dtype=torch.float32):
                 mask[0, dff // 2] = True
             cols = ex.nonzero_columns(mask.to(dev)).cpu()
             assert torch.equal(cols, mask.any(0).nonzero().flatten()), f"{ex.name}: nonzero_columns"
+    check_decode_attention(ex, rnd, close)
+
+
+def reference_decode_attention(qkv, cos, sin, cache_k, cache_v, slot, first, n_heads):
+    """RoPE, cache write and softmax attention spelled out; returns (out, new_k, new_v)."""
+    n_kv, _, hd = cache_k.shape
+    nq, nkv, half = n_heads * hd, n_kv * hd, hd // 2
+    rot = lambda t: t * cos + torch.cat((-t[..., half:], t[..., :half]), -1) * sin   # noqa: E731
+    q = rot(qkv[:nq].view(n_heads, hd))
+    k, v = cache_k.clone(), cache_v.clone()
+    k[:, slot], v[:, slot] = rot(qkv[nq:nq + nkv].view(n_kv, hd)), qkv[nq + nkv:].view(n_kv, hd)
+    group = n_heads // n_kv
+    kh, vh = (t.repeat_interleave(group, 0)[:, first:slot + 1] for t in (k, v))
+    p = torch.softmax((q[:, None, :] * kh).sum(-1) / hd**0.5, dim=-1)
+    return (p[..., None] * vh).sum(1).reshape(nq), k, v
+
+
+def check_decode_attention(ex, rnd, close):
+    """One-token attention: GQA and plain heads, first slot, a later slot, a window."""
+    dev = ex.device
+    for n_heads, n_kv, hd, max_len, slot, first in [(4, 2, 8, 10, 0, 0), (6, 3, 16, 12, 7, 0),
+                                                     (4, 4, 8, 9, 8, 3), (8, 1, 64, 40, 39, 0)]:
+        qkv = rnd((n_heads + 2 * n_kv) * hd)
+        theta = rnd(hd // 2) * 3
+        cos, sin = torch.cat([theta.cos()] * 2).to(qkv.dtype), torch.cat([theta.sin()] * 2).to(qkv.dtype)
+        cache_k, cache_v = rnd(n_kv, max_len, hd), rnd(n_kv, max_len, hd)
+        want, want_k, want_v = reference_decode_attention(qkv, cos, sin, cache_k, cache_v, slot, first, n_heads)
+        k_dev, v_dev = cache_k.to(dev), cache_v.to(dev)
+        out = ex.decode_attention(qkv.to(dev), cos.to(dev), sin.to(dev), k_dev, v_dev, slot, first, n_heads)
+        what = f"decode_attention heads={n_heads}/{n_kv} slot={slot} first={first}"
+        close(out, want, what)
+        close(k_dev, want_k, what + " cache k")
+        close(v_dev, want_v, what + " cache v")
 
 
 def check_reglu_sparse(ex, x, gate, up, down, rnd, close):

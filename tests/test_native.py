@@ -138,3 +138,23 @@ def test_unsupported_weights_use_torch_ops():
     # fp16 weights and non-contiguous views are not served by the native kernels.
     assert not native.supports(torch.zeros(4, 4, dtype=torch.float16))
     assert not native.supports(torch.zeros(4, 6).t())
+
+
+@needs_native
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_decode_attention_matches_the_torch_path(dtype, tol):
+    # The fused C attention rounds RoPE like transformers' bf16 code: the cache it writes is
+    # bit-identical to the torch path's; the output differs only by summation order.
+    g = torch.Generator().manual_seed(6)
+    ex = CpuExecutor("cpu")
+    torch_ops = super(CpuExecutor, ex)
+    nh, nkv, hd, max_len, slot = 32, 4, 64, 100, 77
+    qkv = torch.randn((nh + 2 * nkv) * hd, generator=g).to(dtype)
+    theta = torch.randn(hd // 2, generator=g) * 3
+    cos, sin = torch.cat([theta.cos()] * 2).to(dtype), torch.cat([theta.sin()] * 2).to(dtype)
+    k, v = torch.randn(nkv, max_len, hd, generator=g).to(dtype), torch.randn(nkv, max_len, hd, generator=g).to(dtype)
+    k_ref, v_ref = k.clone(), v.clone()
+    got = ex.decode_attention(qkv, cos, sin, k, v, slot, 5, nh)
+    want = torch_ops.decode_attention(qkv, cos, sin, k_ref, v_ref, slot, 5, nh)
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    assert got.dtype == dtype and torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)

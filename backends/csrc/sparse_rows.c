@@ -39,34 +39,43 @@ static inline uint16_t f32_to_bf16(float f) {   /* round to nearest even, NaN st
 #define STORE_bf16 f32_to_bf16
 #define STORE_f32 STORE_F32
 
+/* Software prefetch into L2 (gcc/clang builtin: prefetcht1 on x86, prfm on arm).  Rows are
+ * read in an order the hardware prefetcher cannot guess (gathered rows), or it ramps up too
+ * slowly at each row start, so every loop below passes the row it will read about PF_AHEAD
+ * bytes later as `pf`, and the dot/axpy over the current row prefetches that row at the same
+ * offsets as it goes: one prefetch per 64 bytes read, spread over the loop.  On the 2-core dev
+ * VM this took gathered 4-8 KB bf16 rows from ~20 to ~28 GB/s; prefetching a whole row in
+ * one burst was slower (~21-23 GB/s), presumably because the burst queues up behind the
+ * core's few outstanding-miss slots (docs/performance.md). */
+#define PF_AHEAD 16384
+#define PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 2)
+static inline void prefetch_row(const void *p, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) PREFETCH((const char *)p + o);
+}
+static inline int64_t rows_ahead(int64_t row_bytes) {
+    return (PF_AHEAD + row_bytes - 1) / row_bytes;
+}
+
+/* Portable row ops (any target; also the tails of the AVX-512 ones): the prefetch row goes
+ * out in one burst, then the vectorised loop runs. */
 #define DEFINE_ROW_OPS(SUFFIX, WT, LOAD)                                                   \
-    static inline float dot_##SUFFIX(const WT *restrict w, const float *restrict x, int n) { \
+    static inline float dot_##SUFFIX(const WT *restrict w, const float *restrict x, int n,  \
+                                     const WT *pf) {                                     \
+        if (pf) prefetch_row(pf, (int64_t)n * (int64_t)sizeof(WT));                      \
         float acc = 0.f;                                                                  \
         _Pragma("omp simd reduction(+:acc)")                                              \
         for (int i = 0; i < n; i++) acc += LOAD(w[i]) * x[i];                            \
         return acc;                                                                       \
     }                                                                                     \
-    static inline void axpy_##SUFFIX(float a, const WT *restrict w, float *restrict y, int n) { \
+    static inline void axpy_##SUFFIX(float a, const WT *restrict w, float *restrict y, int n, \
+                                     const WT *pf) {                                     \
+        if (pf) prefetch_row(pf, (int64_t)n * (int64_t)sizeof(WT));                      \
         _Pragma("omp simd")                                                               \
         for (int i = 0; i < n; i++) y[i] += a * LOAD(w[i]);                              \
     }
 
 DEFINE_ROW_OPS(bf16_portable, uint16_t, bf16_to_f32)
 DEFINE_ROW_OPS(f32, float, LOAD_F32)
-
-/* Software prefetch of whole rows into L2 (gcc/clang builtin: prefetcht1 on x86, prfm on
- * arm).  Rows are read in an order the hardware prefetcher cannot guess (gathered rows) or it
- * ramps up too slowly at each row start, so every loop below asks for the row it will read
- * about PF_AHEAD bytes later, all of it at once: on the 2-core dev VM this lifted gathered
- * 8 KB bf16 rows from ~19 to ~24 GB/s and sequential GEMV from 23 to 28 GB/s (a pure read
- * reaches ~31), see docs/performance.md. */
-#define PF_AHEAD 16384
-static inline void prefetch_row(const void *p, int64_t bytes) {
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char *)p + o, 0, 2);
-}
-static inline int64_t rows_ahead(int64_t row_bytes) {
-    return (PF_AHEAD + row_bytes - 1) / row_bytes;
-}
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -77,11 +86,12 @@ static inline int64_t rows_ahead(int64_t row_bytes) {
  * more loads in flight, and that is what bounds a single-token GEMV here.  Activations are
  * split on entry and outputs merged on exit (d floats, negligible). */
 #define SPLIT_bf16 1
-static inline float dot_bf16(const uint16_t *restrict w, const float *restrict xs, int n) {
+static inline float dot_bf16(const uint16_t *restrict w, const float *restrict xs, int n, const uint16_t *pf) {
     const __m512i odd = _mm512_set1_epi32((int)0xFFFF0000u);
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int i = 0;
     for (; i + 64 <= n; i += 64) {   /* four accumulators hide the FMA latency */
+        if (pf) { PREFETCH(pf + i); PREFETCH(pf + i + 32); }
         __m512i v0 = _mm512_loadu_si512(w + i), v1 = _mm512_loadu_si512(w + i + 32);
         a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v0, 16)), _mm512_loadu_ps(xs + i), a0);
         a1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v0, odd)), _mm512_loadu_ps(xs + i + 16), a1);
@@ -89,23 +99,26 @@ static inline float dot_bf16(const uint16_t *restrict w, const float *restrict x
         a3 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v1, odd)), _mm512_loadu_ps(xs + i + 48), a3);
     }
     for (; i + 32 <= n; i += 32) {
+        if (pf) PREFETCH(pf + i);
         __m512i v = _mm512_loadu_si512(w + i);
         a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), _mm512_loadu_ps(xs + i), a0);
         a1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, odd)), _mm512_loadu_ps(xs + i + 16), a1);
     }
     float acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    return acc + (i < n ? dot_bf16_portable(w + i, xs + i, n - i) : 0.f);   /* tail: natural order */
+    /* tail: natural order */
+    return acc + (i < n ? dot_bf16_portable(w + i, xs + i, n - i, pf ? pf + i : NULL) : 0.f);
 }
-static inline void axpy_bf16(float a, const uint16_t *restrict w, float *restrict ys, int n) {
+static inline void axpy_bf16(float a, const uint16_t *restrict w, float *restrict ys, int n, const uint16_t *pf) {
     const __m512i odd = _mm512_set1_epi32((int)0xFFFF0000u);
     __m512 va = _mm512_set1_ps(a);
     int i = 0;
     for (; i + 32 <= n; i += 32) {
+        if (pf) PREFETCH(pf + i);
         __m512i v = _mm512_loadu_si512(w + i);
         _mm512_storeu_ps(ys + i, _mm512_fmadd_ps(va, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), _mm512_loadu_ps(ys + i)));
         _mm512_storeu_ps(ys + i + 16, _mm512_fmadd_ps(va, _mm512_castsi512_ps(_mm512_and_si512(v, odd)), _mm512_loadu_ps(ys + i + 16)));
     }
-    if (i < n) axpy_bf16_portable(a, w + i, ys + i, n - i);
+    if (i < n) axpy_bf16_portable(a, w + i, ys + i, n - i, pf ? pf + i : NULL);
 }
 #else
 #define SPLIT_bf16 0
@@ -152,10 +165,8 @@ static void reduce_into(float *restrict out, const float *restrict part, int d) 
 #define DEFINE_SEQ_DOTS(S, WT)                                                                    \
     static void seq_dots_##S(const WT *w, int64_t lo, int64_t hi, int d, const float *xs, float *out) { \
         int64_t row = (int64_t)d * (int64_t)sizeof(WT), lead = rows_ahead(row);                   \
-        for (int64_t i = lo; i < hi; i++) {                                                       \
-            if (i + lead < hi) prefetch_row(w + (i + lead) * d, row);                             \
-            out[i - lo] = dot_##S(w + i * d, xs, d);                                              \
-        }                                                                                         \
+        for (int64_t i = lo; i < hi; i++)                                                         \
+            out[i - lo] = dot_##S(w + i * d, xs, d, i + lead < hi ? w + (i + lead) * d : NULL);   \
     }
 DEFINE_SEQ_DOTS(bf16, uint16_t)
 DEFINE_SEQ_DOTS(f32, float)
@@ -205,17 +216,18 @@ DEFINE_SEQ_DOTS(f32, float)
             /* pass 1: gate rows of the candidates -> ids/val become the active neurons */      \
             int64_t lead = rows_ahead(row);                                                       \
             for (int k = 0; k < nc; k++) {                                                        \
-                if (k + lead < nc) prefetch_row(gate + (int64_t)ids[k + lead] * d, row);          \
-                float g = dot_##S(gate + (int64_t)ids[k] * d, xs, d);                             \
+                const WT *pf = k + lead < nc ? gate + (int64_t)ids[k + lead] * d : NULL;          \
+                float g = dot_##S(gate + (int64_t)ids[k] * d, xs, d, pf);                         \
                 if (g > 0.f) { ids[na] = ids[k]; val[na++] = g; }                                 \
             }                                                                                     \
-            /* pass 2: up then down row of each active neuron, the sequence prefetched ahead */ \
+            /* pass 2: up then down row of each active neuron; the prefetch runs `lead` rows  \
+             * ahead in that sequence (up0 down0 up1 down1 ...) */                               \
             const WT *mats[2] = {up, down_t};                                                     \
-            for (int64_t s = 0, pf = 0; s < 2 * (int64_t)na; s += 2) {                            \
-                for (; pf < 2 * (int64_t)na && pf <= s + lead + 1; pf++)                          \
-                    prefetch_row(mats[pf & 1] + (int64_t)ids[pf >> 1] * d, row);                  \
-                const int64_t off = (int64_t)ids[s >> 1] * d;                                     \
-                axpy_##S(val[s >> 1] * dot_##S(up + off, xs, d), down_t + off, part, d);          \
+            for (int k = 0; k < na; k++) {                                                        \
+                const int64_t off = (int64_t)ids[k] * d, s = 2 * (int64_t)k + lead;               \
+                const WT *pf_u = s < 2 * na ? mats[s & 1] + (int64_t)ids[s >> 1] * d : NULL;      \
+                const WT *pf_d = s + 1 < 2 * na ? mats[(s + 1) & 1] + (int64_t)ids[(s + 1) >> 1] * d : NULL; \
+                axpy_##S(val[k] * dot_##S(up + off, xs, d, pf_u), down_t + off, part, d, pf_d);   \
             }                                                                                     \
             n_cand += nc;                                                                         \
             n_active += na;                                                                       \
@@ -244,8 +256,8 @@ DEFINE_FFN(f32, float)
             THREAD_RANGE(n, lo, hi);                                                              \
             float *part = (float *)calloc((size_t)d_out, sizeof(float));                          \
             for (int64_t j = lo; j < hi; j++) {                                                   \
-                if (j + lead < hi) prefetch_row(w + (idx ? idx[j + lead] : j + lead) * (int64_t)d_out, row); \
-                axpy_##S(coef[j], w + (idx ? idx[j] : j) * (int64_t)d_out, part, d_out);          \
+                const WT *pf = j + lead < hi ? w + (idx ? idx[j + lead] : j + lead) * (int64_t)d_out : NULL; \
+                axpy_##S(coef[j], w + (idx ? idx[j] : j) * (int64_t)d_out, part, d_out, pf);      \
             }                                                                                     \
             if (hi > lo) reduce_into(acc, part, d_out);                                           \
             free(part);                                                                           \
@@ -344,3 +356,67 @@ DEFINE_TOPK(f32, float)
 
 DEFINE_RMS_NORM(bf16, uint16_t)
 DEFINE_RMS_NORM(f32, float)
+
+/* Attention of one new token of one sequence: RoPE (rotate-half convention) on q and k with
+ * the roundings of transformers' code in the activation dtype, k and v written into the cache
+ * at `slot`, then each query head attends over slots first..slot of its KV group (fp32 scores,
+ * softmax and sum; the result rounded once).  Replaces ~25 small torch ops per layer.
+ *   qkv [nq + 2 nkv], cos/sin [hd] (this position's RoPE row), cache_k/v [n_kv, max_len, hd],
+ *   out [nq]. */
+#define ROUND(S, v) LOAD_##S(STORE_##S(v))
+#define DEFINE_ATTN(S, WT)                                                                        \
+    static void rope_##S(const WT *x, const WT *cos, const WT *sin, int hd, float *out) {         \
+        int half = hd / 2;                                                                        \
+        for (int i = 0; i < half; i++) {                                                          \
+            float a = LOAD_##S(x[i]), b = LOAD_##S(x[i + half]);                                  \
+            out[i] = ROUND(S, ROUND(S, a * LOAD_##S(cos[i])) + ROUND(S, -b * LOAD_##S(sin[i])));  \
+            out[i + half] = ROUND(S, ROUND(S, b * LOAD_##S(cos[i + half])) +                     \
+                                     ROUND(S, a * LOAD_##S(sin[i + half])));                      \
+        }                                                                                         \
+    }                                                                                             \
+    void es_decode_attention_##S(const WT *qkv, const WT *cos, const WT *sin, WT *cache_k,          \
+                                 WT *cache_v, int n_heads, int n_kv, int hd, int max_len,         \
+                                 int slot, int first, int n_threads, WT *out) {                   \
+        const int nq = n_heads * hd, n = slot - first + 1, group = n_heads / n_kv;                \
+        const float scale = 1.f / sqrtf((float)hd);                                               \
+        float *q = (float *)malloc(sizeof(float) * (size_t)(nq + hd));                            \
+        float *kr = q + nq;                                                                       \
+        for (int h = 0; h < n_heads; h++) rope_##S(qkv + h * hd, cos, sin, hd, q + h * hd);       \
+        for (int g = 0; g < n_kv; g++) {                                                          \
+            int64_t at = ((int64_t)g * max_len + slot) * hd;                                      \
+            rope_##S(qkv + nq + g * hd, cos, sin, hd, kr);                                        \
+            for (int i = 0; i < hd; i++) {                                                        \
+                cache_k[at + i] = STORE_##S(kr[i]);                                               \
+                cache_v[at + i] = qkv[nq + n_kv * hd + g * hd + i];                               \
+            }                                                                                     \
+        }                                                                                         \
+        _Pragma("omp parallel for num_threads(n_threads) schedule(static) if((int64_t)n * nq > (1 << 17))") \
+        for (int h = 0; h < n_heads; h++) {                                                       \
+            const int64_t base = (int64_t)(h / group) * max_len * hd + (int64_t)first * hd;       \
+            const float *qh = q + h * hd;                                                         \
+            float *p = (float *)malloc(sizeof(float) * (size_t)(n + hd)), *acc = p + n, m = -INFINITY; \
+            for (int j = 0; j < n; j++) {                                                         \
+                const WT *kj = cache_k + base + (int64_t)j * hd;                                  \
+                float s = 0.f;                                                                    \
+                _Pragma("omp simd reduction(+:s)")                                                \
+                for (int i = 0; i < hd; i++) s += qh[i] * LOAD_##S(kj[i]);                        \
+                p[j] = s * scale;                                                                 \
+                m = p[j] > m ? p[j] : m;                                                          \
+            }                                                                                     \
+            float sum = 0.f;                                                                      \
+            for (int j = 0; j < n; j++) { p[j] = expf(p[j] - m); sum += p[j]; }                   \
+            for (int i = 0; i < hd; i++) acc[i] = 0.f;                                            \
+            for (int j = 0; j < n; j++) {                                                         \
+                const WT *vj = cache_v + base + (int64_t)j * hd;                                  \
+                const float pj = p[j] / sum;                                                      \
+                _Pragma("omp simd")                                                               \
+                for (int i = 0; i < hd; i++) acc[i] += pj * LOAD_##S(vj[i]);                      \
+            }                                                                                     \
+            for (int i = 0; i < hd; i++) out[h * hd + i] = STORE_##S(acc[i]);                     \
+            free(p);                                                                              \
+        }                                                                                         \
+        free(q);                                                                                  \
+    }
+
+DEFINE_ATTN(bf16, uint16_t)
+DEFINE_ATTN(f32, float)
