@@ -82,7 +82,11 @@ class CpuExecutor(TorchExecutor):
 
     def place(self, t, dtype=None):
         t = super().place(t, dtype)
-        return huge_page_copy(t) if t.numel() * t.element_size() >= HUGE_PAGE else t
+        # Already 2 MB-aligned means placed before (e.g. a tied lm_head, the gate's view for
+        # exact mode): placing again must not copy the weights a second time.
+        if t.numel() * t.element_size() < HUGE_PAGE or t.data_ptr() % HUGE_PAGE == 0:
+            return t
+        return huge_page_copy(t)
 
     def prepare_predictor(self, a, b, bias) -> PredictorWeights:
         # Stored transposed ([r, d] and [d_ff, r]) so each output of the native kernel reads a

@@ -26,6 +26,17 @@ def _adapter(ex, q_from, q_to, dtype):
     return ex.prepare_linear(r.T.to(dtype))   # F.linear(x, rᵀ) = x · r
 
 
+def _fold(w, gamma, q, dtype, chunk=8192):
+    """``w · diag(gamma) · q`` in float64, a block of rows at a time (vocab-sized matrices)."""
+    q = q.double()
+    g = None if gamma is None else gamma.double()
+    out = torch.empty(w.shape, dtype=dtype, device=w.device)
+    for i in range(0, w.shape[0], chunk):
+        blk = w[i:i + chunk].double()
+        out[i:i + chunk] = ((blk if g is None else blk * g) @ q).to(dtype)
+    return out
+
+
 def _col_norms(w):
     return w.norm(dim=0).clamp(min=1e-8)
 
@@ -84,8 +95,17 @@ def install_topk(model, ks: dict, rot_attn=None, rot_mlp=None, scaled: bool = Fa
         nxt = rot_attn[li + 1].to(dev) if rotated and li + 1 < n else None
         layer.mlp_adapter = _adapter(ex, qm, nxt, dt)
     if rotated:
-        model.in_rotation = ex.prepare_linear(rot_attn[0].T.to(dt))     # x · Q_first
-        model.out_rotation = ex.prepare_linear(rot_mlp[-1].to(dt))      # x · Q_lastᵀ
+        q_in, q_out = rot_attn[0].to(dev), rot_mlp[-1].to(dev)
+        if model.lm_head.weight is not model.embed:
+            # Untied: fold the rotations into the ends, E -> E·Q_first and W_head ->
+            # W_head·diag(γ)·Q_last with the final norm's weight set to 1 (RMSNorm commutes with
+            # an orthogonal Q), which saves two d×d GEMVs per token.
+            model.embed = ex.place(_fold(model.embed, None, q_in, dt))
+            model.lm_head = ex.prepare_linear(_fold(model.lm_head.weight, model.norm, q_out, dt), model.lm_head.bias)
+            model.norm = torch.ones_like(model.norm)
+        else:   # tied: one matrix cannot absorb both, so rotate the stream at run time
+            model.in_rotation = ex.prepare_linear(q_in.T.to(dt))      # x · Q_first
+            model.out_rotation = ex.prepare_linear(q_out.to(dt))      # x · Q_lastᵀ
     model.attn_mode = "topk"
     if not spec.is_reglu:
         model.ffn_mode = "topk"

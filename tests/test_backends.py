@@ -63,3 +63,14 @@ def test_cann_probe_reports_missing_torch_npu():
         import torch_npu  # noqa: F401
     except (ImportError, OSError):
         assert not ok and ("torch_npu" in why or "CANN" in why)
+
+
+def test_cpu_places_large_weights_once_in_2mb_aligned_memory():
+    from edgesparse.backends.cpu import HUGE_PAGE
+    ex = CpuExecutor("cpu")
+    w = torch.randn(1024, 1024)            # 4 MB: copied into huge-page memory
+    placed = ex.place(w)
+    assert torch.equal(placed, w) and placed.data_ptr() % HUGE_PAGE == 0
+    assert ex.place(placed).data_ptr() == placed.data_ptr()   # tied heads etc. are not copied twice
+    small = torch.randn(10)
+    assert ex.place(small).data_ptr() == small.data_ptr()

@@ -26,12 +26,15 @@ def decode_logits(llm, ids, steps_from=6):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("act,rotation,method,scaled", [
-    ("silu", "shared", "rotated", False), ("silu", "per-site", "rotated", True), ("relu", "shared", "rotated", True),
-    ("silu", "shared", "magnitude", False), ("silu", "shared", "magnitude", True), ("silu", "global", "rotated", True)])
-def test_full_k_equals_dense(ckpt_factory, textfile, tmp_path, act, rotation, method, scaled):
-    """Top-K with K = d through folded rotations, scales and adapters reproduces the dense model."""
-    path = ckpt_factory("llama", act)
+@pytest.mark.parametrize("act,rotation,method,scaled,tied", [
+    ("silu", "shared", "rotated", False, True), ("silu", "per-site", "rotated", True, True),
+    ("relu", "shared", "rotated", True, True), ("silu", "shared", "magnitude", False, True),
+    ("silu", "shared", "magnitude", True, True), ("silu", "global", "rotated", True, True),
+    ("relu", "global", "rotated", False, False)])
+def test_full_k_equals_dense(ckpt_factory, textfile, tmp_path, act, rotation, method, scaled, tied):
+    """Top-K with K = d through folded rotations, scales and adapters reproduces the dense model
+    (untied: the end rotations are folded into the embedding and lm_head instead)."""
+    path = ckpt_factory("llama", act, **({} if tied else {"tie_word_embeddings": False}))
     kw = dict(attn_sparsity=1e-6, topk_method=method, rotation=rotation, topk_scaled=scaled)
     if act == "silu":
         kw["mlp_sparsity"] = 1e-6
@@ -42,6 +45,8 @@ def test_full_k_equals_dense(ckpt_factory, textfile, tmp_path, act, rotation, me
     if act == "relu":
         sparse.set_ffn_mode("exact")
     assert sparse.model.attn_mode == "topk"
+    if method == "rotated":   # untied: folded into embedding/lm_head, no run-time rotation
+        assert (sparse.model.in_rotation is None) == (not tied)
     ids = torch.randint(1, 300, (1, 14), generator=torch.Generator().manual_seed(0))
     assert torch.allclose(decode_logits(sparse, ids), decode_logits(dense, ids), atol=1e-4)
 
