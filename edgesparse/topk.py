@@ -5,7 +5,8 @@ RMSNorm weight is folded into the linears that read it, so the norm commutes wit
 folded into those linears (``W -> W·diag(γ)·Q``); the output projections write straight into
 the rotated residual stream (``W_o -> Qᵀ·W_o``, ``W_downᵀ -> W_downᵀ·Q``); where the next site
 uses another basis, a residual adapter ``Q_prevᵀ·Q_next`` is applied once per token.  The
-embedding output is rotated into the first basis and rotated back before the final norm.
+embedding output is rotated into the first basis and rotated back before the final norm (for
+untied models both are folded into the embedding and lm_head instead).
 Without rotation (``magnitude``, TEAL-style) the weights are untouched and Top-K picks the
 largest entries of the real inputs.
 
