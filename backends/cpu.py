@@ -13,6 +13,8 @@ import mmap
 import torch
 import torch.nn.functional as F
 
+from edgesparse.predictors.int8 import int8_rows
+
 from . import native
 from .interface import Executor, FFNWeights, LinearWeights, PredictorWeights, TopKWeights, activate, topk_indices
 
@@ -90,8 +92,15 @@ class CpuExecutor(TorchExecutor):
 
     def prepare_predictor(self, a, b, bias) -> PredictorWeights:
         # Stored transposed ([r, d] and [d_ff, r]) so each output of the native kernel reads a
-        # contiguous row; the torch ops use the transposed views at no cost.
-        return PredictorWeights(self.place(a.t()).t(), self.place(b.t()).t(), self.place(bias))
+        # contiguous row; the torch ops use the transposed views at no cost.  Factors that
+        # calibration left on per-row int8 grids are also kept as int8 rows for the native
+        # kernel (half the predictor's bytes per token; the torch ops use the float copies,
+        # which hold the same values).
+        p = PredictorWeights(self.place(a.t()).t(), self.place(b.t()).t(), self.place(bias))
+        qa, qb = int8_rows(p.a.t()), int8_rows(p.b.t())
+        if qa is not None and qb is not None:
+            p.packed = (self.place(qa.q), qa.s, self.place(qb.q), qb.s)
+        return p
 
     def linear(self, x, w: LinearWeights):
         if x.numel() == x.shape[-1] and native.supports(w.weight):   # one token
@@ -119,7 +128,8 @@ class CpuExecutor(TorchExecutor):
     def reglu_sparse(self, x, w, p):
         if x.shape[0] == 1 and native.supports(w.gate, w.up, w.down_t, *(() if p is None else (p.a.t(), p.b.t()))):
             out, n_cand, n_active = native.reglu_ffn(
-                x[0], w.gate, w.up, w.down_t, *((None, None, None) if p is None else (p.a.t(), p.b.t(), p.bias)))
+                x[0], w.gate, w.up, w.down_t, *((None, None, None, None) if p is None else
+                                                (p.a.t(), p.b.t(), p.bias, p.packed)))
             return out.unsqueeze(0), n_cand, n_active
         return super().reglu_sparse(x, w, p)
 

@@ -46,6 +46,7 @@ class PredictorWeights:
     a: torch.Tensor     # [d, r]
     b: torch.Tensor     # [r, d_ff]
     bias: torch.Tensor  # [d_ff]: per-neuron thresholds folded in (score > 0 <=> predicted active)
+    packed: object = None   # a backend's own compact copy of a and b (cpu: int8 rows), or None
 
 
 class Executor(ABC):

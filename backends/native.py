@@ -24,7 +24,7 @@ _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 _P, _I = ctypes.c_void_p, ctypes.c_int
 # Declared argument types: ctypes then takes data_ptr() ints and None (NULL) as they are.
 _SIGNATURES = {
-    "es_reglu_ffn": [_P] * 7 + [_I] * 4 + [_P, _P],
+    "es_reglu_ffn": [_P] * 11 + [_I] * 4 + [_P, _P],
     "es_weighted_rows": [_P, _P, _P, _I, _I, _I, _P],
     "es_gemv": [_P, _P, _P, _I, _I, _I, _P],
     "es_topk_linear": [_P, _P, _I, _I, _I, _I, _P],
@@ -103,15 +103,19 @@ def _act(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x.to(w.dtype).contiguous()
 
 
-def reglu_ffn(x: torch.Tensor, gate, up, down_t, a_t=None, b_t=None, bias=None) -> tuple[torch.Tensor, int, int]:
-    """One token ``x [d]`` -> ``(out [d], candidates, active)``; see the C file."""
+def reglu_ffn(x: torch.Tensor, gate, up, down_t, a_t=None, b_t=None, bias=None, packed=None) -> tuple[torch.Tensor, int, int]:
+    """One token ``x [d]`` -> ``(out [d], candidates, active)``; see the C file.  The predictor
+    is ``a_t [r, d]``, ``b_t [d_ff, r]`` and ``bias``, or with ``packed = (qa, sa, qb, sb)``
+    their int8 rows and scales (``a_t``/``b_t`` then unused); none of them: exact mode."""
     f, d = gate.shape
     x, bias = _act(x, gate), None if bias is None else _act(bias, gate)   # held: C reads them
+    qa, sa, qb, sb = packed or (None,) * 4
+    r = qa.shape[0] if qa is not None else (0 if a_t is None else a_t.shape[0])
     out = torch.empty(d, dtype=gate.dtype)
     counts = (ctypes.c_int64 * 2)()
-    _fn("es_reglu_ffn", gate)(x.data_ptr(), _ptr(a_t), _ptr(b_t), _ptr(bias),
-                              gate.data_ptr(), up.data_ptr(), down_t.data_ptr(), d,
-                              0 if a_t is None else a_t.shape[0], f, torch.get_num_threads(), out.data_ptr(), counts)
+    _fn("es_reglu_ffn", gate)(x.data_ptr(), _ptr(a_t), _ptr(b_t), _ptr(qa), _ptr(sa), _ptr(qb), _ptr(sb), _ptr(bias),
+                              gate.data_ptr(), up.data_ptr(), down_t.data_ptr(), d, r, f,
+                              torch.get_num_threads(), out.data_ptr(), counts)
     return out, counts[0], counts[1]
 
 

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import torch
 
 from edgesparse.backends import get_executor
+from edgesparse.predictors.int8 import snap_rows
 from .errors import InvalidOptionError
 from .sparse_ffn import SparsityStats, ffn_forward
 from .loader import DTYPES
@@ -57,7 +58,7 @@ def peak_gbs(ex) -> float | None:
     return next((v for k, v in PEAK_GBS.items() if k in name), None)
 
 
-def synthetic_layer(ex, d, f, sparsity, dtype, rank, false_pos=0.1, seed=0):
+def synthetic_layer(ex, d, f, sparsity, dtype, rank, false_pos=0.1, seed=0, int8_predictor=True):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, d, generator=g)
     gate = torch.randn(f, d, generator=g) / d**0.5
@@ -69,6 +70,8 @@ def synthetic_layer(ex, d, f, sparsity, dtype, rank, false_pos=0.1, seed=0):
     up = torch.randn(f, d, generator=g) / d**0.5
     down = torch.randn(d, f, generator=g) / f**0.5
     a, b = torch.randn(d, rank, generator=g) / d**0.5, torch.randn(rank, f, generator=g) / rank**0.5
+    if int8_predictor:   # factors on per-row int8 grids, as `calibrate` leaves them by default
+        a, b = snap_rows(a.T).T, snap_rows(b.T).T
     cand = active.clone()
     extra = (~active).nonzero().flatten()
     cand[extra[torch.randperm(extra.numel(), generator=g)[:round(false_pos * n_active)]]] = True
@@ -89,7 +92,8 @@ def _copy_layer(ex, layer):
 
 
 def bench_ffn(shape="4096x11008", sparsity=0.9, dtype="fp32", backend="cpu", rank=None, repeats=15,
-              false_pos=0.1, executor=None, bandwidth_mib: int = 1024, copies: int = 4) -> dict:
+              false_pos=0.1, executor=None, bandwidth_mib: int = 1024, copies: int = 4,
+              int8_predictor: bool = True) -> dict:
     d, f = parse_shape(shape)
     if not 0 <= sparsity < 1:
         raise InvalidOptionError(f"--sparsity must be in [0, 1), got {sparsity}")
@@ -98,7 +102,8 @@ def bench_ffn(shape="4096x11008", sparsity=0.9, dtype="fp32", backend="cpu", ran
     tdtype = DTYPES[dtype]
     ex = executor or get_executor(backend)
     rank = rank or max(32, d // 8)
-    layer, x, n_cand, n_active = synthetic_layer(ex, d, f, sparsity, tdtype, rank, false_pos)
+    layer, x, n_cand, n_active = synthetic_layer(ex, d, f, sparsity, tdtype, rank, false_pos,
+                                                 int8_predictor=int8_predictor)
     # Decode streams every layer's weights from memory once per token.  Timing one layer over
     # and over would leave its sparse working set (~40 MB at 7B / 90%) partly in the caches,
     # so the runs rotate through copies of the layer that together far exceed the caches.
@@ -126,12 +131,15 @@ def bench_ffn(shape="4096x11008", sparsity=0.9, dtype="fp32", backend="cpu", ran
                 times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     esize = torch.tensor([], dtype=tdtype).element_size()
-    touched = esize * (rank * (d + f) + f + n_cand * d + 2 * n_active * d)
+    packed = layer.predictor.packed is not None   # the executor streams int8 rows + fp32 scales
+    predictor_bytes = rank * (d + f) + 4 * (rank + f) if packed else esize * rank * (d + f)
+    touched = predictor_bytes + esize * (f + n_cand * d + 2 * n_active * d)
     bw = read_bandwidth_gbs(ex, bandwidth_mib)
     peak = peak_gbs(ex)
     floor_ms = touched / (bw * 1e9) * 1e3
     dense_bytes = esize * 3 * d * f
     return dict(shape=f"{d}x{f}", dtype=dtype, backend=ex.name, sparsity=sparsity, rank=rank, layer_copies=copies,
+                predictor="int8 rows" if packed else "float", predictor_bytes=predictor_bytes,
                 threads=torch.get_num_threads(), candidates=n_cand, active=n_active, repeats=repeats,
                 dense_ms=round(med["dense"], 4), sparse_ms=round(med["sparse"], 4), exact_ms=round(med["exact"], 4),
                 speedup=round(med["dense"] / med["sparse"], 3), exact_speedup=round(med["dense"] / med["exact"], 3),

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from edgesparse.predictors.rotation import block_topk_sizes, pca_rotation
+from edgesparse.predictors.int8 import snap_rows
 from edgesparse.predictors.svd import default_rank, fit_predictor
 from edgesparse.predictors.thresholds import calibrate_thresholds
 from .artifacts import model_fingerprint, save_artifacts
@@ -71,12 +72,14 @@ def collect(model, windows: torch.Tensor, keep_ffn: bool = True, batch: int = 4)
     return col
 
 
-def fit_ffn_predictors(model, col, rank, target_sparsity, target_recall):
+def fit_ffn_predictors(model, col, rank, target_sparsity, target_recall, int8: bool = True):
     tensors, layers = {}, []
     for i, layer in enumerate(progress(model.layers, desc="fitting predictors")):
         key = (i, "mlp_in")
         gate_w = layer.ffn.gate.float().cpu()
         a, b = fit_predictor(gate_w, rank, col.gram_a[key])
+        if int8:   # thresholds below are then fitted to the predictor that will run
+            a, b = snap_rows(a.T).T.contiguous(), snap_rows(b.T).T.contiguous()
         x = torch.cat(col.held[key])
         gate = x @ gate_w.T
         res = calibrate_thresholds(x @ a @ b, gate, x @ layer.ffn.up.float().cpu().T,
@@ -135,9 +138,10 @@ def calibrate_model(model, tokenizer, out, data=None, tokens: int = DEFAULT_TOKE
                     target_sparsity: float | None = None, target_recall: float | None = None,
                     attn_sparsity: float | None = None, mlp_sparsity: float | None = None,
                     topk_method: str = "rotated", rotation: str = "shared", topk_scaled: bool = False,
-                    window: int = 256) -> dict:
+                    window: int = 256, int8_predictor: bool = True) -> dict:
     """Calibrate a loaded model and write artifacts to ``out``: FFN predictors for ReGLU
-    models, and Top-K (LaRoSA-rotated or magnitude) sizes and rotations when
+    models (factors on a per-row int8 grid unless ``int8_predictor=False``, see
+    ``predictors/int8.py``), and Top-K (LaRoSA-rotated or magnitude) sizes and rotations when
     ``attn_sparsity`` / ``mlp_sparsity`` are given."""
     s = model.spec
     want_topk = attn_sparsity is not None or mlp_sparsity is not None
@@ -169,11 +173,12 @@ def calibrate_model(model, tokenizer, out, data=None, tokens: int = DEFAULT_TOKE
     col = collect(model, windows, keep_ffn=s.is_reglu)
     tensors, layers = {}, []
     if s.is_reglu:
-        tensors, layers = fit_ffn_predictors(model, col, rank, target_sparsity, target_recall)
+        tensors, layers = fit_ffn_predictors(model, col, rank, target_sparsity, target_recall, int8_predictor)
     manifest = dict(fingerprint=model_fingerprint(model),
                     calibration=dict(files=data_summary, tokens=int(windows.numel()), window=windows.shape[1],
                                      svd_tokens=col.count_a, threshold_tokens=int(windows.numel()) - col.count_a,
                                      rank=rank if s.is_reglu else None, target_sparsity=target_sparsity,
+                                     predictor_factors=("int8-rows" if int8_predictor else "float") if s.is_reglu else None,
                                      target_recall=target_recall if s.is_reglu else None),
                     layers=layers)
     if want_topk:

@@ -11,6 +11,8 @@ def add_commands(sub, add_model_opts, positive_int, fraction):
     p.add_argument("--data", nargs="+", default=None, help="text files (default: the embedded corpus)")
     p.add_argument("--tokens", type=positive_int, default=None)
     p.add_argument("--rank", type=positive_int, default=None)
+    p.add_argument("--float-predictor", action="store_true",
+                   help="keep predictor factors in float (default: per-row int8 grid, half the bytes)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--target-recall", type=fraction, default=None)
     g.add_argument("--target-sparsity", type=fraction, default=None)
@@ -78,7 +80,7 @@ def cmd_calibrate(args):
                     tokens=args.tokens or DEFAULT_TOKENS, rank=args.rank, target_sparsity=args.target_sparsity,
                     target_recall=args.target_recall, attn_sparsity=args.attn_sparsity,
                     mlp_sparsity=args.mlp_sparsity, topk_method=args.topk_method, rotation=args.rotation,
-                    topk_scaled=args.topk_scaled)
+                    topk_scaled=args.topk_scaled, int8_predictor=not args.float_predictor)
     if args.json:
         print(json.dumps(rep))
         return

@@ -32,6 +32,7 @@ def test_report_and_manifest(arts):
     out, rep = arts
     m = json.loads((out / MANIFEST).read_text())
     assert m["format_version"] == 1 and m["calibration"]["rank"] == 16
+    assert m["calibration"]["predictor_factors"] == "int8-rows"
     assert m["calibration"]["svd_tokens"] + m["calibration"]["threshold_tokens"] == m["calibration"]["tokens"]
     assert len(rep["layers"]) == 2
     for layer in rep["layers"]:
@@ -53,6 +54,15 @@ def test_predictor_decode_equals_masked_reference(llama_relu, arts):
             for t in range(12):
                 step = m.forward(ids[:b, t:t + 1], cache, torch.full((b, 1), t))
                 assert torch.allclose(step, ref[:b, t], atol=1e-4), (b, t)
+
+
+def test_int8_predictor_factors_are_packed_on_cpu_and_optional(llama_relu, arts, textfile, tmp_path):
+    p = edgesparse.load(llama_relu, backend="cpu", artifacts=arts[0]).model.layers[0].predictor
+    assert p.packed is not None and p.packed[0].dtype == torch.int8 and p.packed[0].shape == p.a.t().shape
+    calibrate(llama_relu, tmp_path / "f", data=[textfile], backend="cpu", tokens=1024, rank=16, window=128,
+              int8_predictor=False)
+    assert json.loads((tmp_path / "f" / MANIFEST).read_text())["calibration"]["predictor_factors"] == "float"
+    assert edgesparse.load(llama_relu, backend="cpu", artifacts=tmp_path / "f").model.layers[0].predictor.packed is None
 
 
 def test_sparse_ppl_reports_and_gap(llama_relu, arts, textfile):

@@ -27,6 +27,11 @@ def test_calibrate_and_eval_ppl_cli(capsys, llama_relu, tmp_path):
                  "--tokens", "2048", "--rank", "8", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert len(rep["layers"]) == 2
+    assert main(["--quiet", "calibrate", str(llama_relu), "-o", str(tmp_path / "fp"), "--data", str(data),
+                 "--tokens", "2048", "--rank", "8", "--float-predictor"]) == 0
+    capsys.readouterr()
+    manifest = json.loads((tmp_path / "fp" / "manifest.json").read_text())
+    assert manifest["calibration"]["predictor_factors"] == "float"
     assert main(["--quiet", "eval", "ppl", str(llama_relu), "--artifacts", str(tmp_path / "a"), "--data", str(data),
                  "--window", "64", "--max-tokens", "512", "--json", "--plot", str(tmp_path / "p.png")]) == 0
     out = json.loads(capsys.readouterr().out)

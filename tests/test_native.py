@@ -6,6 +6,7 @@ import torch
 from edgesparse.backends import native
 from edgesparse.backends.cpu import CpuExecutor
 from edgesparse.backends.interface import topk_indices
+from edgesparse.predictors.int8 import snap_rows
 
 needs_native = pytest.mark.skipif(native.lib() is None, reason=f"native kernels: {native.status()}")
 
@@ -45,7 +46,14 @@ def test_fused_ffn_matches_torch_ops(dtype, tol, d, f):
     fast = CpuExecutor("cpu")
     torch_ops = super(CpuExecutor, fast)   # the composed torch path on the same weights
     fw = fast.prepare_ffn(gate, up, down, "relu")
-    for p in (None, fast.prepare_predictor(a, b, bias)):
+    qa, qb = snap_rows(a.float().T).T, snap_rows(b.float().T).T
+    # thresholds a clear margin from every score: bf16 rounding of the torch path's scores
+    # cannot flip a neuron, so both paths must agree on the set
+    margin = torch.where(torch.arange(f) % 2 == 0, 1.0, -1.0)
+    on_grid = fast.prepare_predictor(qa.to(dtype), qb.to(dtype), (margin - (x.float() @ qa @ qb)[0]).to(dtype))
+    assert on_grid.packed is not None and on_grid.packed[0].dtype == torch.int8   # native reads int8 rows
+    assert fast.prepare_predictor(a, b, bias).packed is None                     # off-grid: float rows
+    for p in (None, fast.prepare_predictor(a, b, bias), on_grid):
         got, n_cand, n_act = fast.reglu_sparse(x, fw, p)
         want, r_cand, r_act = torch_ops.reglu_sparse(x, fw, p)
         assert got.dtype == dtype and got.shape == (1, d)

@@ -127,6 +127,36 @@ static inline void axpy_bf16(float a, const uint16_t *restrict w, float *restric
 #endif
 #define SPLIT_f32 0
 
+/* int8 rows (the predictor's factors when calibration left them on a per-row int8 grid, see
+ * predictors/int8.py) against fp32 x in natural order: half the bytes of bf16. */
+static inline float dot_i8(const int8_t *restrict w, const float *restrict x, int n, const int8_t *pf) {
+    int i = 0;
+    float acc = 0.f;
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 64 <= n; i += 64) {
+        if (pf) PREFETCH(pf + i);
+        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + i)))), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + i + 16)))), _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + i + 32)))), _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + i + 48)))), _mm512_loadu_ps(x + i + 48), a3);
+    }
+    acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#else
+    if (pf) prefetch_row(pf, n);
+#endif
+    _Pragma("omp simd reduction(+:acc)")
+    for (int j = i; j < n; j++) acc += (float)w[j] * x[j];
+    return acc;
+}
+
+/* out[i - lo] = scale[i] * (w[i] . x) for the consecutive int8 rows lo..hi-1 of w [*, d]. */
+static void seq_dots_i8(const int8_t *w, int64_t lo, int64_t hi, int d, const float *x, const float *scale, float *out) {
+    int64_t lead = rows_ahead(d);
+    for (int64_t i = lo; i < hi; i++)
+        out[i - lo] = scale[i] * dot_i8(w + i * d, x, d, i + lead < hi ? w + (i + lead) * d : NULL);
+}
+
 /* Activations x (natural order, weight dtype) -> xs (fp32, in the order the dot/axpy of
  * that weight type expect); fp32 results (kernel order) -> out (natural order, weight
  * dtype), adding an optional bias first. */
@@ -177,8 +207,9 @@ DEFINE_SEQ_DOTS(f32, float)
             hi = (int64_t)(n) * (omp_get_thread_num() + 1) / omp_get_num_threads()
 
 /* ReGLU FFN of one token over the neurons that matter.
- *   pred_a_t [r, d], pred_b_t [F, r], pred_bias [F]: low-rank predictor (NULL: every
- *   neuron is a candidate, i.e. exact mode with a dense gate);
+ *   pred_a_t [r, d], pred_b_t [F, r], pred_bias [F]: low-rank predictor, or its int8 rows
+ *   qa [r, d] / qb [F, r] with per-row scales sa, sb (then pred_a_t/pred_b_t are ignored);
+ *   all NULL: every neuron is a candidate, i.e. exact mode with a dense gate;
  *   gate, up, down_t [F, d].  out [d] is overwritten.  counts[0] = candidates (gate rows
  *   read), counts[1] = active neurons (up/down rows read).
  * Each thread owns a contiguous range of neurons and makes two passes over it: the gate rows
@@ -186,19 +217,24 @@ DEFINE_SEQ_DOTS(f32, float)
  * of the neurons whose ReLU(gate) > 0.  Two passes let every prefetch be for a row that will
  * be read: a single interleaved pass would prefetch up/down rows of false positives. */
 #define DEFINE_FFN(S, WT)                                                                         \
-    void es_reglu_ffn_##S(const WT *x, const WT *pred_a_t, const WT *pred_b_t, const WT *pred_bias, \
-                          const WT *gate, const WT *up, const WT *down_t, int d, int r, int f,      \
-                          int n_threads, WT *out, int64_t *counts) {                              \
+    void es_reglu_ffn_##S(const WT *x, const WT *pred_a_t, const WT *pred_b_t,                      \
+                          const int8_t *qa, const float *sa, const int8_t *qb, const float *sb,   \
+                          const WT *pred_bias, const WT *gate, const WT *up, const WT *down_t,    \
+                          int d, int r, int f, int n_threads, WT *out, int64_t *counts) {         \
+        const int pred = pred_a_t || qa;                                                          \
         int64_t n_cand = 0, n_active = 0, row = (int64_t)d * (int64_t)sizeof(WT);                \
         float *xs = (float *)malloc(sizeof(float) * (size_t)d);                                   \
         float *acc = (float *)calloc((size_t)d, sizeof(float));                                   \
         float *t_buf = (float *)malloc(sizeof(float) * (size_t)(r + 1));                          \
+        float *xn = qa ? (float *)malloc(sizeof(float) * (size_t)d) : NULL;   /* natural order */ \
         load_split_##S(x, xs, d);                                                                 \
+        if (qa) for (int i = 0; i < d; i++) xn[i] = LOAD_##S(x[i]);                               \
         _Pragma("omp parallel num_threads(n_threads) reduction(+:n_cand, n_active)")              \
         {                                                                                         \
-            if (pred_a_t) {                                                                       \
+            if (pred) {                                                                           \
                 THREAD_RANGE(r, r_lo, r_hi);                                                      \
-                seq_dots_##S(pred_a_t, r_lo, r_hi, d, xs, t_buf + r_lo);                          \
+                if (qa) seq_dots_i8(qa, r_lo, r_hi, d, xn, sa, t_buf + r_lo);                     \
+                else seq_dots_##S(pred_a_t, r_lo, r_hi, d, xs, t_buf + r_lo);                     \
             }                                                                                     \
             _Pragma("omp barrier")                                                                \
             THREAD_RANGE(f, lo, hi);                                                              \
@@ -207,12 +243,13 @@ DEFINE_SEQ_DOTS(f32, float)
             float *val = (float *)malloc(sizeof(float) * (size_t)(hi - lo + 1));                  \
             int *ids = (int *)malloc(sizeof(int) * (size_t)(hi - lo + 1));                        \
             int nc = 0, na = 0;                                                                   \
-            if (pred_a_t) {                                                                       \
+            if (qa) seq_dots_i8(qb, lo, hi, r, t_buf, sb, val);                                   \
+            else if (pred) {                                                                      \
                 split_hidden_##S(t_buf, ts, r);                                                   \
                 seq_dots_##S(pred_b_t, lo, hi, r, ts, val);                                       \
             }                                                                                     \
             for (int64_t i = lo; i < hi; i++)                                                     \
-                if (!pred_a_t || val[i - lo] + LOAD_##S(pred_bias[i]) > 0.f) ids[nc++] = (int)i;  \
+                if (!pred || val[i - lo] + LOAD_##S(pred_bias[i]) > 0.f) ids[nc++] = (int)i;      \
             /* pass 1: gate rows of the candidates -> ids/val become the active neurons */      \
             int64_t lead = rows_ahead(row);                                                       \
             for (int k = 0; k < nc; k++) {                                                        \
@@ -235,7 +272,7 @@ DEFINE_SEQ_DOTS(f32, float)
             free(ids); free(val); free(ts); free(part);                                           \
         }                                                                                         \
         store_merged_##S(acc, NULL, out, d);                                                      \
-        free(t_buf); free(acc); free(xs);                                                         \
+        free(xn); free(t_buf); free(acc); free(xs);                                               \
         counts[0] = n_cand;                                                                       \
         counts[1] = n_active;                                                                     \
     }
