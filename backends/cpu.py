@@ -97,9 +97,10 @@ class CpuExecutor(TorchExecutor):
         # kernel (half the predictor's bytes per token; the torch ops use the float copies,
         # which hold the same values).
         p = PredictorWeights(self.place(a.t()).t(), self.place(b.t()).t(), self.place(bias))
-        qa, qb = int8_rows(p.a.t()), int8_rows(p.b.t())
-        if qa is not None and qb is not None:
-            p.packed = (self.place(qa.q), qa.s, self.place(qb.q), qb.s)
+        qa, qb = int8_rows(p.a.t()), int8_rows(p.b.t())   # each may be off its grid (rotated A)
+        if qa is not None or qb is not None:
+            p.packed = tuple(t for rows in (qa, qb) for t in
+                             ((None, None) if rows is None else (self.place(rows.q), rows.s)))
         return p
 
     def linear(self, x, w: LinearWeights):

@@ -105,8 +105,8 @@ def _act(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def reglu_ffn(x: torch.Tensor, gate, up, down_t, a_t=None, b_t=None, bias=None, packed=None) -> tuple[torch.Tensor, int, int]:
     """One token ``x [d]`` -> ``(out [d], candidates, active)``; see the C file.  The predictor
-    is ``a_t [r, d]``, ``b_t [d_ff, r]`` and ``bias``, or with ``packed = (qa, sa, qb, sb)``
-    their int8 rows and scales (``a_t``/``b_t`` then unused); none of them: exact mode."""
+    is ``a_t [r, d]``, ``b_t [d_ff, r]`` and ``bias``; ``packed = (qa, sa, qb, sb)`` gives int8
+    rows and scales used instead of ``a_t`` / ``b_t`` where not None.  No predictor: exact mode."""
     f, d = gate.shape
     x, bias = _act(x, gate), None if bias is None else _act(bias, gate)   # held: C reads them
     qa, sa, qb, sb = packed or (None,) * 4

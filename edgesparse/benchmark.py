@@ -131,8 +131,10 @@ def bench_ffn(shape="4096x11008", sparsity=0.9, dtype="fp32", backend="cpu", ran
                 times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     esize = torch.tensor([], dtype=tdtype).element_size()
-    packed = layer.predictor.packed is not None   # the executor streams int8 rows + fp32 scales
-    predictor_bytes = rank * (d + f) + 4 * (rank + f) if packed else esize * rank * (d + f)
+    pk = layer.predictor.packed or (None,) * 4   # factors the executor streams as int8 rows + fp32 scales
+    a_i8, b_i8 = pk[0] is not None, pk[2] is not None
+    packed = a_i8 and b_i8
+    predictor_bytes = rank * d * (1 if a_i8 else esize) + rank * f * (1 if b_i8 else esize) + 4 * (rank * a_i8 + f * b_i8)
     touched = predictor_bytes + esize * (f + n_cand * d + 2 * n_active * d)
     bw = read_bandwidth_gbs(ex, bandwidth_mib)
     peak = peak_gbs(ex)

@@ -51,9 +51,12 @@ def test_fused_ffn_matches_torch_ops(dtype, tol, d, f):
     # cannot flip a neuron, so both paths must agree on the set
     margin = torch.where(torch.arange(f) % 2 == 0, 1.0, -1.0)
     on_grid = fast.prepare_predictor(qa.to(dtype), qb.to(dtype), (margin - (x.float() @ qa @ qb)[0]).to(dtype))
-    assert on_grid.packed is not None and on_grid.packed[0].dtype == torch.int8   # native reads int8 rows
+    assert on_grid.packed[0].dtype == on_grid.packed[2].dtype == torch.int8      # native reads int8 rows
     assert fast.prepare_predictor(a, b, bias).packed is None                     # off-grid: float rows
-    for p in (None, fast.prepare_predictor(a, b, bias), on_grid):
+    a_off = a.float() + 1e-3 * torch.randn(a.shape, generator=torch.Generator().manual_seed(9))   # like a rotated A
+    b_only = fast.prepare_predictor(a_off.to(dtype), qb.to(dtype), (margin - (x.float() @ a_off @ qb)[0]).to(dtype))
+    assert b_only.packed[0] is None and b_only.packed[2].dtype == torch.int8
+    for p in (None, fast.prepare_predictor(a, b, bias), on_grid, b_only):
         got, n_cand, n_act = fast.reglu_sparse(x, fw, p)
         want, r_cand, r_act = torch_ops.reglu_sparse(x, fw, p)
         assert got.dtype == dtype and got.shape == (1, d)

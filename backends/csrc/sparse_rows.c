@@ -207,8 +207,9 @@ DEFINE_SEQ_DOTS(f32, float)
             hi = (int64_t)(n) * (omp_get_thread_num() + 1) / omp_get_num_threads()
 
 /* ReGLU FFN of one token over the neurons that matter.
- *   pred_a_t [r, d], pred_b_t [F, r], pred_bias [F]: low-rank predictor, or its int8 rows
- *   qa [r, d] / qb [F, r] with per-row scales sa, sb (then pred_a_t/pred_b_t are ignored);
+ *   pred_a_t [r, d], pred_b_t [F, r], pred_bias [F]: low-rank predictor; qa [r, d] / qb [F, r]
+ *   with per-row scales sa, sb: int8 rows used instead of pred_a_t / pred_b_t where given
+ *   (each independently: a LaRoSA-rotated A leaves its grid, B keeps it);
  *   all NULL: every neuron is a candidate, i.e. exact mode with a dense gate;
  *   gate, up, down_t [F, d].  out [d] is overwritten.  counts[0] = candidates (gate rows
  *   read), counts[1] = active neurons (up/down rows read).
@@ -221,7 +222,7 @@ DEFINE_SEQ_DOTS(f32, float)
                           const int8_t *qa, const float *sa, const int8_t *qb, const float *sb,   \
                           const WT *pred_bias, const WT *gate, const WT *up, const WT *down_t,    \
                           int d, int r, int f, int n_threads, WT *out, int64_t *counts) {         \
-        const int pred = pred_a_t || qa;                                                          \
+        const int pred = pred_a_t || qa || qb;                                                    \
         int64_t n_cand = 0, n_active = 0, row = (int64_t)d * (int64_t)sizeof(WT);                \
         float *xs = (float *)malloc(sizeof(float) * (size_t)d);                                   \
         float *acc = (float *)calloc((size_t)d, sizeof(float));                                   \
@@ -243,7 +244,7 @@ DEFINE_SEQ_DOTS(f32, float)
             float *val = (float *)malloc(sizeof(float) * (size_t)(hi - lo + 1));                  \
             int *ids = (int *)malloc(sizeof(int) * (size_t)(hi - lo + 1));                        \
             int nc = 0, na = 0;                                                                   \
-            if (qa) seq_dots_i8(qb, lo, hi, r, t_buf, sb, val);                                   \
+            if (qb) seq_dots_i8(qb, lo, hi, r, t_buf, sb, val);                                   \
             else if (pred) {                                                                      \
                 split_hidden_##S(t_buf, ts, r);                                                   \
                 seq_dots_##S(pred_b_t, lo, hi, r, ts, val);                                       \
