@@ -156,7 +156,10 @@ def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
         return t
     nbytes = t.numel() * t.element_size()
     buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    buf.madvise(mmap.MADV_HUGEPAGE)   # before the first touch, so faults take 2 MB pages
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE)   # before the first touch, so faults take 2 MB pages
+    except OSError:   # a kernel built without THP: ordinary pages, still correct
+        pass
     raw = torch.frombuffer(buf, dtype=torch.uint8)   # the tensor's storage keeps buf alive
     start = -raw.data_ptr() % HUGE_PAGE
     return raw[start:start + nbytes].view(t.dtype).view(t.shape).copy_(t)

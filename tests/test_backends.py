@@ -74,3 +74,17 @@ def test_cpu_places_large_weights_once_in_2mb_aligned_memory():
     assert ex.place(placed).data_ptr() == placed.data_ptr()   # tied heads etc. are not copied twice
     small = torch.randn(10)
     assert ex.place(small).data_ptr() == small.data_ptr()
+
+
+def test_huge_page_advice_refused_by_the_kernel_still_places_the_weights(monkeypatch):
+    import mmap as mmap_mod
+
+    from edgesparse.backends import cpu
+
+    class NoTHP(mmap_mod.mmap):
+        def madvise(self, *a):
+            raise OSError(22, "Invalid argument")
+    monkeypatch.setattr(cpu.mmap, "mmap", NoTHP)
+    w = torch.randn(1024, 1024)
+    placed = CpuExecutor("cpu").place(w)
+    assert torch.equal(placed, w)
