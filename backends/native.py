@@ -81,10 +81,17 @@ def status() -> str:
 
 
 def supports(*tensors: torch.Tensor) -> bool:
-    """True when the native kernels can run on these weights (cpu, bf16/fp32, contiguous)."""
-    t0 = tensors[0]
-    return (lib() is not None and t0.dtype in _SUFFIX and
-            all(t.device.type == "cpu" and t.dtype == t0.dtype and t.is_contiguous() for t in tensors))
+    """True when the native kernels can run on these weights (cpu, bf16/fp32, contiguous).
+    Called on every decode op, so written as plain attribute checks."""
+    if lib() is None:
+        return False
+    dtype = tensors[0].dtype
+    if dtype not in _SUFFIX:
+        return False
+    for t in tensors:
+        if t.dtype != dtype or not t.is_cpu or not t.is_contiguous():
+            return False
+    return True
 
 
 def _ptr(t: torch.Tensor | None):
@@ -92,7 +99,11 @@ def _ptr(t: torch.Tensor | None):
 
 
 def _fn(name: str, w: torch.Tensor):
-    return getattr(lib(), f"{name}_{_SUFFIX[w.dtype]}")
+    fns = _state.setdefault("fns", {})
+    key = (name, w.dtype)
+    if key not in fns:
+        fns[key] = getattr(lib(), f"{name}_{_SUFFIX[w.dtype]}")
+    return fns[key]
 
 
 # Activations are passed in the weights' dtype and results come back in it (the C code works
@@ -100,7 +111,7 @@ def _fn(name: str, w: torch.Tensor):
 # no-op for the tensors the cpu executor passes; a converted copy must be held in a local
 # while C reads it.
 def _act(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return x.to(w.dtype).contiguous()
+    return x if x.dtype == w.dtype and x.is_contiguous() else x.to(w.dtype).contiguous()
 
 
 def reglu_ffn(x: torch.Tensor, gate, up, down_t, a_t=None, b_t=None, bias=None, packed=None) -> tuple[torch.Tensor, int, int]:
