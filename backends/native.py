@@ -1,6 +1,7 @@
-"""Build and call the native single-token kernels in ``csrc/sparse_rows.c`` (cpu backend).
+"""Build and call the native single-token kernels in ``csrc/`` (cpu backend): the
+weight-streaming kernels in ``sparse_rows.c``, RMSNorm and attention in ``decode_ops.c``.
 
-The C file is compiled once per machine with the system C compiler (``cc -O3
+The C files are compiled once per machine with the system C compiler (``cc -O3
 -march=native -fopenmp``) into a cache dir and loaded with ctypes: no torch headers, a
 one-second build, and code tuned for the CPU it runs on.  Anything missing (no compiler, a
 failed build, ``EDGESPARSE_NATIVE=0``) leaves ``lib()`` None and the cpu backend falls back
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "sparse_rows.c"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "sparse_rows.c", CSRC / "decode_ops.c"]
 _state: dict = {}
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 _P, _I = ctypes.c_void_p, ctypes.c_int
@@ -45,15 +47,15 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None, "no C compiler found (torch ops in use)"
-    src = SOURCE.read_bytes()
+    src = b"".join(p.read_bytes() for p in sorted(CSRC.glob("*.[ch]")))   # any edit rebuilds
     key = hashlib.sha256(src + platform.machine().encode() + platform.node().encode()).hexdigest()[:16]
     out = _cache_dir() / f"sparse_rows-{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             tmp_so = Path(tmp) / out.name
-            cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11",
-                   str(SOURCE), "-o", str(tmp_so), "-lm"]
+            cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", f"-I{CSRC}",
+                   *map(str, SOURCES), "-o", str(tmp_so), "-lm"]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
                 return None, f"native build failed: {(r.stderr.strip().splitlines() or ['?'])[0]}"
