@@ -169,3 +169,24 @@ def test_decode_attention_matches_the_torch_path(dtype, tol):
     want = torch_ops.decode_attention(qkv, cos, sin, k_ref, v_ref, slot, 5, nh)
     assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
     assert got.dtype == dtype and torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@needs_native
+@pytest.mark.parametrize("rank", [64, 128])
+def test_int8_predictor_rows_of_simd_width(rank):
+    # rank a multiple of 64: B's short rows take the two-rows-at-a-time path, with an odd
+    # number of neurons per thread so the single-row tail runs too
+    g = torch.Generator().manual_seed(7)
+    d, f = 256, 301
+    x = torch.randn(1, d, generator=g)
+    gate, up, down = torch.randn(f, d, generator=g) / 16, torch.randn(f, d, generator=g) / 16, torch.randn(d, f, generator=g) / 17
+    qa = snap_rows(torch.randn(rank, d, generator=g)).T
+    qb = snap_rows(torch.randn(f, rank, generator=g)).T
+    bias = torch.where(torch.arange(f) % 3 == 0, 2.0, -2.0) - (x @ qa @ qb)[0]
+    ex = CpuExecutor("cpu")
+    p, fw = ex.prepare_predictor(qa, qb, bias), ex.prepare_ffn(gate, up, down, "relu")
+    assert p.packed[0] is not None and p.packed[2] is not None
+    got, n_cand, n_act = ex.reglu_sparse(x, fw, p)
+    want, r_cand, r_act = super(CpuExecutor, ex).reglu_sparse(x, fw, p)
+    assert (n_cand, n_act) == (r_cand, r_act) == (101, int(((x @ gate.T)[0, ::3] > 0).sum()))
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)

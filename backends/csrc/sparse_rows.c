@@ -127,9 +127,36 @@ static inline float dot_i8(const int8_t *restrict w, const float *restrict x, in
 }
 
 /* out[i - lo] = scale[i] * (w[i] . x) for the consecutive int8 rows lo..hi-1 of w [*, d]. */
+#if defined(__AVX512F__)
+/* Two short rows at once (the predictor's B has rows of r = 256-512 bytes): shared x loads and
+ * two independent chains; d % 64 == 0 only. */
+static inline void dot2_i8(const int8_t *w0, const int8_t *w1, const float *x, int n, const int8_t *pf, float *o) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+    for (int i = 0; i < n; i += 32) {
+        if (pf) PREFETCH(pf + 2 * i);
+        __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
+        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w0 + i)))), x0, a0);
+        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w0 + i + 16)))), x1, a1);
+        b0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w1 + i)))), x0, b0);
+        b1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w1 + i + 16)))), x1, b1);
+    }
+    o[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    o[1] = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
+}
+#endif
+
 static void seq_dots_i8(const int8_t *w, int64_t lo, int64_t hi, int d, const float *x, const float *scale, float *out) {
-    int64_t lead = rows_ahead(d);
-    for (int64_t i = lo; i < hi; i++)
+    int64_t lead = rows_ahead(d), i = lo;
+#if defined(__AVX512F__)
+    if (d % 64 == 0 && d <= 1024)
+        for (; i + 1 < hi; i += 2) {
+            float o[2];
+            dot2_i8(w + i * d, w + (i + 1) * d, x, d, i + lead + 1 < hi ? w + (i + lead) * d : NULL, o);
+            out[i - lo] = scale[i] * o[0];
+            out[i + 1 - lo] = scale[i + 1] * o[1];
+        }
+#endif
+    for (; i < hi; i++)
         out[i - lo] = scale[i] * dot_i8(w + i * d, x, d, i + lead < hi ? w + (i + lead) * d : NULL);
 }
 
