@@ -99,8 +99,8 @@ class CpuExecutor(TorchExecutor):
         p = PredictorWeights(self.place(a.t()).t(), self.place(b.t()).t(), self.place(bias))
         qa, qb = int8_rows(p.a.t()), int8_rows(p.b.t())   # each may be off its grid (rotated A)
         if qa is not None or qb is not None:
-            p.packed = tuple(t for rows in (qa, qb) for t in
-                             ((None, None) if rows is None else (self.place(rows.q), rows.s)))
+            pack = lambda rows: (None, None) if rows is None else (self.place(rows.q), rows.s)  # noqa: E731
+            p.packed = (*pack(qa), *pack(qb))
         return p
 
     def linear(self, x, w: LinearWeights):

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import torch
 
 from edgesparse.backends import get_executor
-from edgesparse.predictors.int8 import snap_rows
+from edgesparse.predictors.int8 import snap_factors
 from .errors import InvalidOptionError
 from .sparse_ffn import SparsityStats, ffn_forward
 from .loader import DTYPES
@@ -71,7 +71,7 @@ def synthetic_layer(ex, d, f, sparsity, dtype, rank, false_pos=0.1, seed=0, int8
     down = torch.randn(d, f, generator=g) / f**0.5
     a, b = torch.randn(d, rank, generator=g) / d**0.5, torch.randn(rank, f, generator=g) / rank**0.5
     if int8_predictor:   # factors on per-row int8 grids, as `calibrate` leaves them by default
-        a, b = snap_rows(a.T).T, snap_rows(b.T).T
+        a, b = snap_factors(a, b)
     cand = active.clone()
     extra = (~active).nonzero().flatten()
     cand[extra[torch.randperm(extra.numel(), generator=g)[:round(false_pos * n_active)]]] = True

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from edgesparse.predictors.rotation import block_topk_sizes, pca_rotation
-from edgesparse.predictors.int8 import snap_rows
+from edgesparse.predictors.int8 import snap_factors
 from edgesparse.predictors.svd import default_rank, fit_predictor
 from edgesparse.predictors.thresholds import calibrate_thresholds
 from .artifacts import model_fingerprint, save_artifacts
@@ -79,7 +79,7 @@ def fit_ffn_predictors(model, col, rank, target_sparsity, target_recall, int8: b
         gate_w = layer.ffn.gate.float().cpu()
         a, b = fit_predictor(gate_w, rank, col.gram_a[key])
         if int8:   # thresholds below are then fitted to the predictor that will run
-            a, b = snap_rows(a.T).T.contiguous(), snap_rows(b.T).T.contiguous()
+            a, b = snap_factors(a, b)
         x = torch.cat(col.held[key])
         gate = x @ gate_w.T
         res = calibrate_thresholds(x @ a @ b, gate, x @ layer.ffn.up.float().cpu().T,

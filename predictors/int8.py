@@ -13,11 +13,24 @@ from dataclasses import dataclass
 import torch
 
 
+def _grid(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest int8 grid point of each entry, ``q [n, k]`` (float64, integral), and the row
+    scales ``s [n]``: ``s = max|row| / 127``."""
+    m = m.double()
+    s = m.abs().amax(dim=1).clamp(min=1e-30) / 127
+    return (m / s[:, None]).round().clamp(-127, 127), s
+
+
 def snap_rows(m: torch.Tensor) -> torch.Tensor:
     """``m`` with each row replaced by its nearest point on that row's int8 grid."""
-    m = m.double()
-    s = m.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) / 127
-    return ((m / s).round().clamp(-127, 127) * s).float()
+    q, s = _grid(m)
+    return (q * s[:, None]).float()
+
+
+def snap_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predictor factors ``A [d, r]``, ``B [r, d_ff]`` snapped along the rows the kernels
+    stream (the rows of Aᵀ and Bᵀ, i.e. the columns here)."""
+    return snap_rows(a.T).T.contiguous(), snap_rows(b.T).T.contiguous()
 
 
 @dataclass
@@ -31,11 +44,10 @@ def int8_rows(m: torch.Tensor) -> Int8Rows | None:
     up to the rounding of a bf16 or fp16 copy, which may move an entry by one step), else None:
     off-grid factors are never quantised behind the caller's back."""
     m = m.double()
-    s = m.abs().amax(dim=1).clamp(min=1e-30) / 127
-    q = (m / s[:, None]).round()
+    q, s = _grid(m)
     # a 16-bit float copy moves each entry, and the row maximum the scale comes from, by at
     # most 2^-8 of itself (bf16; fp16 2^-11): allow 2^-7
     tol = m.abs() * 2.0**-7 + s[:, None] * 1e-6
     if bool(((q * s[:, None] - m).abs() > tol).any()):
         return None
-    return Int8Rows(q.clamp(-127, 127).to(torch.int8), s.float())
+    return Int8Rows(q.to(torch.int8), s.float())

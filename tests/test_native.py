@@ -6,7 +6,7 @@ import torch
 from edgesparse.backends import native
 from edgesparse.backends.cpu import CpuExecutor
 from edgesparse.backends.interface import topk_indices
-from edgesparse.predictors.int8 import snap_rows
+from edgesparse.predictors.int8 import snap_factors, snap_rows
 
 needs_native = pytest.mark.skipif(native.lib() is None, reason=f"native kernels: {native.status()}")
 
@@ -46,7 +46,7 @@ def test_fused_ffn_matches_torch_ops(dtype, tol, d, f):
     fast = CpuExecutor("cpu")
     torch_ops = super(CpuExecutor, fast)   # the composed torch path on the same weights
     fw = fast.prepare_ffn(gate, up, down, "relu")
-    qa, qb = snap_rows(a.float().T).T, snap_rows(b.float().T).T
+    qa, qb = snap_factors(a.float(), b.float())
     # thresholds a clear margin from every score: bf16 rounding of the torch path's scores
     # cannot flip a neuron, so both paths must agree on the set
     margin = torch.where(torch.arange(f) % 2 == 0, 1.0, -1.0)
