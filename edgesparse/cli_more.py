@@ -70,8 +70,18 @@ def add_commands(sub, add_model_opts, positive_int, fraction):
 
     p = sub.add_parser("serve", help="local OpenAI-compatible server")
     add_model_opts(p)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $EDGESPARSE_API_KEY, else none)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="accept this Host header too (loopback servers accept only localhost names)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API; '*' for any")
+    p.add_argument("--max-body-mb", type=float, default=2.0, help="largest request body (413 above)")
+    p.add_argument("--max-queue", type=positive_int, default=128, help="requests waiting or running (503 above)")
+    p.add_argument("--stall-timeout", type=float, default=60.0,
+                   help="seconds without decode progress, with work queued, before /health says degraded")
 
 
 def cmd_calibrate(args):
@@ -119,15 +129,20 @@ def cmd_chat(args):
 
 
 def cmd_serve(args):
+    import os
+
     from .api import load
-    from .errors import InvalidOptionError
-    from .server import serve
-    if not 0 < args.port < 65536:
-        raise InvalidOptionError(f"port must be in 1..65535, got {args.port}")
+    from .serve import ServeOptions, serve
+    opts = ServeOptions(host=args.host, port=args.port, api_key=args.api_key or os.environ.get("EDGESPARSE_API_KEY"),
+                        allowed_hosts=args.allowed_host, cors_origins=args.cors_origin, max_body_mb=args.max_body_mb,
+                        max_queue=args.max_queue, stall_timeout_s=args.stall_timeout).validate()
     llm = load(args.model, backend=args.backend, dtype=args.dtype, artifacts=args.artifacts)
     print(f"edgesparse: serving {llm.name} ({llm.backend}, ffn mode {llm.model.ffn_mode}) "
           f"at http://{args.host}:{args.port}/v1", flush=True)
-    serve(llm, host=args.host, port=args.port)
+    if not opts.loopback and opts.api_key is None:
+        print("edgesparse: warning: listening beyond loopback without --api-key: anyone who can reach "
+              "this port can use the model", flush=True)
+    serve(llm, opts)
 
 
 def _zeroshot(llm, args):

@@ -45,10 +45,12 @@ class Engine:
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
 
     # -- public API ---------------------------------------------------------------------------
-    def encode(self, prompt: str) -> list[int]:
+    def encode(self, prompt: str, tokenizer=None) -> list[int]:
+        """Token ids of ``prompt``; ``tokenizer``: a copy of this engine's tokenizer, for a
+        caller on another thread (HF fast tokenizers must not be used by two threads at once)."""
         if not isinstance(prompt, str) or prompt == "":
             raise EmptyDataError("the prompt is empty")
-        ids = self.tok(prompt, add_special_tokens=True)["input_ids"]
+        ids = (tokenizer or self.tok)(prompt, add_special_tokens=True)["input_ids"]
         return ids or [self.eos_ids[0]]
 
     def generate(self, prompts: str | list[str], params: SamplingParams | None = None, **kw):
@@ -61,15 +63,19 @@ class Engine:
         outs = self.generate_ids([self.encode(p) for p in batch], params)
         return outs[0] if single else outs
 
-    def stream(self, prompt: str, params: SamplingParams | None = None, on_finish=None, **kw) -> Iterator[str]:
-        """Yield the completion text piece by piece as tokens are decoded.  ``on_finish`` (if
-        given) receives ``{finish_reason, completion_tokens}`` after the last piece."""
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None, on_finish=None,
+               on_step=None, **kw) -> Iterator[str]:
+        """Yield the completion text piece by piece as tokens are decoded.  ``prompt``: text or
+        token ids. ``on_finish`` (if given) receives ``{finish_reason, completion_tokens}`` after
+        the last piece; ``on_step`` is called after every decoded token (it may raise to stop)."""
         params = (params or SamplingParams(**kw)).validate()
         sent = ""
-        prompt_ids = self.encode(prompt)
+        prompt_ids = list(prompt) if isinstance(prompt, list) else self.encode(prompt)
         row = _Row(len(prompt_ids))
         ids = row.ids
         for _ in self._decode([prompt_ids], params, [row]):
+            if on_step is not None:
+                on_step()
             text = self._visible(ids, params)
             # Hold back an incomplete UTF-8 sequence and a possible stop-string prefix.
             safe = text.rstrip("\ufffd")

@@ -7,6 +7,8 @@ import torch
 
 from .errors import InvalidOptionError
 
+SEED_RANGE = range(-(2**63), 2**64)   # what torch.Generator.manual_seed accepts
+
 
 @dataclass
 class SamplingParams:
@@ -27,6 +29,9 @@ class SamplingParams:
             raise InvalidOptionError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidOptionError(f"top_k must be >= 0, got {self.top_k}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or self.seed not in SEED_RANGE):
+            raise InvalidOptionError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         return self

@@ -1,0 +1,186 @@
+"""The engine thread and the jobs it runs.
+
+Events go from the engine thread to the request's event loop with ``call_soon_threadsafe``
+into an ``asyncio.Queue``: no thread of any pool ever blocks waiting for a token, so a client
+that hangs up cannot tie up a thread. ``Job.end`` is idempotent, and every path (finished,
+failed, cancelled while queued, cancelled while running, shut down) calls it, so each job
+delivers exactly one terminal event and no reader can wait forever."""
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+
+from ..errors import EdgeSparseError
+from .openai_api import RequestError
+
+
+class _Stop(Exception):
+    """Raised inside the decode loop when the job was cancelled (between two tokens)."""
+
+
+class Job:
+    def __init__(self, loop: asyncio.AbstractEventLoop, prompt_ids: list[int], params):
+        self.loop, self.prompt_ids, self.params = loop, prompt_ids, params
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.cancel_kind = "cancelled"
+        self._lock = threading.Lock()
+        self.ended: str | None = None
+
+    def _post(self, event: tuple) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:        # the loop has closed: nobody is listening any more
+            pass
+
+    def emit(self, kind: str, data=None) -> None:
+        self._post((kind, data))
+
+    def end(self, kind: str, data=None) -> bool:
+        """Terminal event: ``finished`` (data: usage dict), ``error`` (RequestError),
+        ``cancelled`` or ``shutdown``. Only the first call counts."""
+        with self._lock:
+            if self.ended is not None:
+                return False
+            self.ended = kind
+        self._post(("end", kind, data))
+        return True
+
+    async def events(self):
+        """``("start", n_prompt)``, ``("text", piece)``..., then one ``("end", kind, data)``."""
+        while True:
+            event = await self.queue.get()
+            yield event
+            if event[0] == "end":
+                return
+
+
+class EngineWorker:
+    """Runs jobs one at a time, in arrival order, on one background thread."""
+
+    def __init__(self, engine, max_queue: int = 128, stall_timeout_s: float = 60.0):
+        self.engine, self.max_queue, self.stall_timeout_s = engine, max_queue, stall_timeout_s
+        self._cv = threading.Condition()
+        self._pending: deque[Job] = deque()
+        self.running: Job | None = None
+        self.stopping = False
+        self.counts = {"served": 0, "cancelled": 0, "failed": 0, "rejected": 0}
+        self.last_progress = time.monotonic()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="edgesparse-engine")
+        self.thread.start()
+
+    # -- called from the event loop ---------------------------------------------------------------
+    def submit(self, job: Job) -> Job:
+        with self._cv:
+            if self.stopping:
+                raise RequestError("the server is shutting down", status=503, code="shutting_down",
+                                   kind="server_error")
+            if len(self._pending) + (self.running is not None) >= self.max_queue:
+                self.counts["rejected"] += 1
+                raise RequestError(f"the server is busy ({self.max_queue} requests queued); retry later",
+                                   status=503, code="queue_full", kind="server_error")
+            if not self._pending and self.running is None:
+                self.last_progress = time.monotonic()   # idle -> busy: the stall clock starts now
+            self._pending.append(job)
+            self._cv.notify()
+        return job
+
+    def cancel(self, job: Job, kind: str = "cancelled") -> None:
+        """Drop a queued job at once (its reader gets its terminal event now); a running job
+        stops before its next token."""
+        with self._cv:
+            try:
+                self._pending.remove(job)
+                queued = True
+            except ValueError:
+                queued = False
+            if job.ended is None:
+                job.cancel_kind = kind
+            job.cancelled.set()
+        if queued:
+            self._end(job, kind)
+
+    def shutdown(self) -> None:
+        """Refuse new jobs, end the queued ones and stop the running one at its next token."""
+        with self._cv:
+            self.stopping = True
+            pending = list(self._pending)
+            running = self.running
+        for job in pending:
+            self.cancel(job, "shutdown")
+        if running is not None:
+            self.cancel(running, "shutdown")
+
+    def health(self) -> dict:
+        with self._cv:
+            queued, busy = len(self._pending), self.running is not None or bool(self._pending)
+            counts = dict(self.counts)
+        quiet_s = time.monotonic() - self.last_progress
+        if self.stopping:
+            status = "shutting_down"
+        elif not self.thread.is_alive() or (busy and quiet_s > self.stall_timeout_s):
+            status = "degraded"
+        else:
+            status = "ok"
+        return {"status": status, "queued": queued, "running": int(self.running is not None),
+                "seconds_since_progress": round(quiet_s, 3) if busy else 0.0, **counts}
+
+    # -- the engine thread ------------------------------------------------------------------------
+    def _end(self, job: Job, kind: str, data=None) -> None:
+        if job.end(kind, data):
+            key = {"finished": "served", "error": "failed"}.get(kind, "cancelled")
+            with self._cv:
+                self.counts[key] += 1
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending:
+                    self._cv.wait()
+                job = self.running = self._pending.popleft()
+                self.last_progress = time.monotonic()
+            try:
+                self._run(job)
+            except BaseException:   # never leave a reader waiting, never let the thread die
+                traceback.print_exc(file=sys.stderr)
+                self._end(job, "error", RequestError("internal error", status=500, kind="server_error"))
+            finally:
+                with self._cv:
+                    self.running = None
+                    self.last_progress = time.monotonic()
+
+    def _run(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            self._end(job, job.cancel_kind)
+            return
+
+        def step():
+            self.last_progress = time.monotonic()
+            if job.cancelled.is_set():
+                raise _Stop
+
+        fin: dict = {}
+        job.emit("start", len(job.prompt_ids))
+        try:
+            for piece in self.engine.stream(job.prompt_ids, job.params, on_finish=fin.update, on_step=step):
+                job.emit("text", piece)
+                if job.cancelled.is_set():
+                    raise _Stop
+        except _Stop:
+            self._end(job, job.cancel_kind)
+            return
+        except EdgeSparseError as e:
+            self._end(job, "error", RequestError(str(e)))
+            return
+        except Exception:
+            traceback.print_exc(file=sys.stderr)   # the operator sees it; the client does not
+            self._end(job, "error", RequestError("internal error while decoding", status=500,
+                                                 kind="server_error"))
+            return
+        self._end(job, "finished", {"finish_reason": fin.get("finish_reason", "length"),
+                                    "prompt_tokens": len(job.prompt_ids),
+                                    "completion_tokens": fin.get("completion_tokens", 0)})
