@@ -133,7 +133,8 @@ def cmd_serve(args):
 
     from .api import load
     from .serve import ServeOptions, serve
-    opts = ServeOptions(host=args.host, port=args.port, api_key=args.api_key or os.environ.get("EDGESPARSE_API_KEY"),
+    key = args.api_key if args.api_key is not None else os.environ.get("EDGESPARSE_API_KEY")
+    opts = ServeOptions(host=args.host, port=args.port, api_key=key,
                         allowed_hosts=args.allowed_host, cors_origins=args.cors_origin, max_body_mb=args.max_body_mb,
                         max_queue=args.max_queue, stall_timeout_s=args.stall_timeout).validate()
     llm = load(args.model, backend=args.backend, dtype=args.dtype, artifacts=args.artifacts)
