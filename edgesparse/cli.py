@@ -11,9 +11,9 @@ DEMO_PROMPT = "The history of the city"
 
 
 def _add_model_opts(p, artifacts=True):
-    from edgesparse.backends import CHOICES
+    from edgesparse.backends import choices
     p.add_argument("model", help="HF checkpoint dir, .gguf file, or 'tiny' (the embedded model)")
-    p.add_argument("--backend", default="auto", choices=CHOICES)
+    p.add_argument("--backend", default="auto", choices=choices())
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
     if artifacts:
         p.add_argument("--artifacts", default=None, help="calibration artifact dir (from `calibrate`)")

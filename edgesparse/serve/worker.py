@@ -40,13 +40,19 @@ class Job:
     def emit(self, kind: str, data=None) -> None:
         self._post((kind, data))
 
-    def end(self, kind: str, data=None) -> bool:
-        """Terminal event: ``finished`` (data: usage dict), ``error`` (RequestError),
-        ``cancelled`` or ``shutdown``. Only the first call counts."""
+    def claim_end(self, kind: str) -> bool:
+        """Take the job's one terminal slot; only the first caller gets it."""
         with self._lock:
             if self.ended is not None:
                 return False
             self.ended = kind
+            return True
+
+    def end(self, kind: str, data=None) -> bool:
+        """Terminal event: ``finished`` (data: usage dict), ``error`` (RequestError),
+        ``cancelled`` or ``shutdown``. Only the first call counts."""
+        if not self.claim_end(kind):
+            return False
         self._post(("end", kind, data))
         return True
 
@@ -131,10 +137,11 @@ class EngineWorker:
 
     # -- the engine thread ------------------------------------------------------------------------
     def _end(self, job: Job, kind: str, data=None) -> None:
-        if job.end(kind, data):
+        if job.claim_end(kind):      # counted before the reader can see the end
             key = {"finished": "served", "error": "failed"}.get(kind, "cancelled")
             with self._cv:
                 self.counts[key] += 1
+            job._post(("end", kind, data))
 
     def _loop(self) -> None:
         while True:

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The built wheel, installed non-editable into a fresh venv, answers a scripted chat with the
+# embedded model (package data, C sources and the chat template must all be in the wheel).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+rm -rf .venv-wheel dist-wheel
+python3 -m venv .venv-wheel
+.venv-wheel/bin/pip install -q torch==2.13.0
+.venv-wheel/bin/pip wheel -q --no-deps -w dist-wheel .
+.venv-wheel/bin/pip install -q dist-wheel/edgesparse-*.whl
+cd /tmp   # away from the source tree: only the installed wheel can answer
+out=$(printf 'Tell me about the city\n/stats\n/quit\n' | "$root/.venv-wheel/bin/edgesparse" chat tiny --max-new-tokens 8)
+echo "$out"
+echo "$out" | grep -q "tokens/s" || { echo "wheel check: no answer from chat" >&2; exit 1; }
+"$root/.venv-wheel/bin/python" -c "import edgesparse, sys; sys.exit('source tree imported' if '$root/edgesparse' in edgesparse.__file__ else 0)"
+echo "wheel check: ok"
