@@ -20,11 +20,11 @@ import torch
 import edgesparse
 from edgesparse.artifacts import rotations_from_tensors
 from edgesparse.calibrate import collect, default_data, fit_rotations, topk_sizes
-from edgesparse.embedded.train import find_data_dir
-from edgesparse.evaluate import window_nll
-from edgesparse.textdata import read_texts, token_windows
+from edgesparse.eval.data import find_data_dir
+from edgesparse.eval.perplexity import window_nll
+from edgesparse.eval.data import read_texts, token_windows
 from edgesparse.topk import install_topk
-from edgesparse.zeroshot import eval_zeroshot
+from edgesparse.eval.zeroshot import eval_zeroshot
 
 
 def variants(rots, level, spec, scaled_too):

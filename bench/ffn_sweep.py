@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from edgesparse.benchmark import bench_ffn
+from edgesparse.benchmarks.ffn import bench_ffn
 
 
 def main():

@@ -27,7 +27,7 @@ def main():
     import torch
 
     from edgesparse.backends.cuda import CudaExecutor
-    from edgesparse.benchmark import bench_ffn
+    from edgesparse.benchmarks.ffn import bench_ffn
     gpu = torch.cuda.is_available() and not a.interpret_smoke
     ex = CudaExecutor("cuda:0" if gpu else "cpu", use_triton=True)
     shape = a.shape if gpu else "64x256"

@@ -20,7 +20,7 @@ CHAT = "/v1/chat/completions"
 
 
 def start(model, port):
-    proc = subprocess.Popen([sys.executable, "-m", "edgesparse.cli", "serve", model, "--dtype", "bf16", "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "edgesparse", "serve", model, "--dtype", "bf16", "--port",
                              str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                             env=dict(os.environ, EDGESPARSE_QUIET="1"))
     for _ in range(600):

@@ -17,7 +17,7 @@ from edgesparse.predictors.thresholds import calibrate_thresholds
 from .artifacts import model_fingerprint, save_artifacts
 from .errors import InvalidOptionError
 from .progress import progress
-from .textdata import read_texts, token_windows
+from .eval.data import read_texts, token_windows
 
 DEFAULT_TOKENS = 16384
 DEFAULT_RECALL = 0.99
@@ -25,7 +25,8 @@ DEFAULT_RECALL = 0.99
 
 def default_data() -> list[Path]:
     """The embedded model's training corpus (never the WikiText-2 test set)."""
-    from .embedded.train import CORPUS, find_data_dir
+    from .embedded.train import CORPUS
+    from .eval.data import find_data_dir
     d = find_data_dir()
     return [d / name for name in CORPUS]
 

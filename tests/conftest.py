@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-from edgesparse.embedded.train import find_data_dir  # noqa: E402
+from edgesparse.eval.data import find_data_dir  # noqa: E402
 
 DATA = find_data_dir()
 TEXT = ("The quick brown fox jumps over the lazy dog. Sparse activations skip work. "

@@ -21,7 +21,7 @@ class Server:
     def __init__(self, model: str, *args: str, api_key: str | None = None):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "edgesparse.cli", "serve", model, "--port", str(self.port), *args]
+        cmd = [sys.executable, "-m", "edgesparse", "serve", model, "--port", str(self.port), *args]
         env = dict(os.environ, EDGESPARSE_QUIET="1")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}

@@ -50,7 +50,7 @@ def test_auto_registration_goes_first(toy):
 
 def test_a_model_decodes_on_it_from_the_api_and_the_cli(toy, llama_relu, capsys):
     from edgesparse import load
-    from edgesparse.cli import main
+    from edgesparse.apps.cli import main
     want = load(llama_relu, backend="cpu").generate("The quick", max_new_tokens=6).token_ids
     llm = load(llama_relu, backend="toy")
     assert llm.backend == "toy" and llm.generate("The quick", max_new_tokens=6).token_ids == want

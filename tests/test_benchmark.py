@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from edgesparse.benchmark import bench_ffn, parse_shape
-from edgesparse.cli import main
+from edgesparse.benchmarks.ffn import bench_ffn, parse_shape
+from edgesparse.apps.cli import main
 from edgesparse.errors import InvalidOptionError
 
 
@@ -39,7 +39,7 @@ def test_gpu_ffn_bench_runs_its_kernels_under_the_interpreter():
 
 
 def test_bench_decode_reports_all_engines(llama_relu):
-    from edgesparse.bench_decode import bench_decode
+    from edgesparse.benchmarks.decode import bench_decode
     out = bench_decode(str(llama_relu), dtype="fp32", new_tokens=4, rounds=1)
     for k in ("hf_tok_s", "dense_tok_s", "ffn_sparse_tok_s", "full_sparse_tok_s"):
         assert out[k] > 0

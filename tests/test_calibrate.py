@@ -8,7 +8,7 @@ import torch
 import edgesparse
 from edgesparse.artifacts import TENSORS, MANIFEST
 from edgesparse.calibrate import calibrate
-from edgesparse.evaluate import eval_ppl
+from edgesparse.eval.perplexity import eval_ppl
 
 from conftest import DATA
 

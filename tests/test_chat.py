@@ -1,6 +1,6 @@
 """The terminal chat loop, driven with scripted input."""
 import edgesparse
-from edgesparse.chat import chat_loop
+from edgesparse.apps.chat import chat_loop
 
 
 def run(llm, lines):

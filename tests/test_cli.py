@@ -1,7 +1,7 @@
 """CLI commands end to end (in process)."""
 import json
 
-from edgesparse.cli import main
+from edgesparse.apps.cli import main
 
 
 def test_info_json(capsys):

@@ -35,7 +35,7 @@ def test_tiny_is_naturally_sparse_and_shipped_artifacts_match():
 
 
 def test_demo_prints_dense_and_sparse():
-    r = subprocess.run([sys.executable, "-m", "edgesparse.cli", "demo", "--max-new-tokens", "12"],
+    r = subprocess.run([sys.executable, "-m", "edgesparse", "demo", "--max-new-tokens", "12"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "[dense]" in r.stdout and "[predictor]" in r.stdout and "tok/s" in r.stdout

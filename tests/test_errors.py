@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import edgesparse
-from edgesparse.cli import main
+from edgesparse.apps.cli import main
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "edgesparse.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "edgesparse", *args], capture_output=True, text=True,
                           timeout=300)
 
 

@@ -68,7 +68,7 @@ def test_allowed_host(srv):
 @pytest.mark.parametrize("args,needle", [(["--port", "0"], "port"), (["--max-body-mb", "0"], "body"),
                                          (["--cors-origin", "evil"], "origin"), (["--api-key", ""], "API key")])
 def test_bad_serve_flags_exit_2_with_one_line(args, needle):
-    r = subprocess.run([sys.executable, "-m", "edgesparse.cli", "serve", "tiny", *args],
+    r = subprocess.run([sys.executable, "-m", "edgesparse", "serve", "tiny", *args],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1

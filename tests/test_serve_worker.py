@@ -7,9 +7,9 @@ import time
 import pytest
 
 from edgesparse.errors import InvalidOptionError
-from edgesparse.serve.openai_api import RequestError
-from edgesparse.serve.options import ServeOptions
-from edgesparse.serve.worker import EngineWorker, Job
+from edgesparse.apps.serve.openai_api import RequestError
+from edgesparse.apps.serve.options import ServeOptions
+from edgesparse.apps.serve.worker import EngineWorker, Job
 
 
 class ScriptedEngine:

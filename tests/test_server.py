@@ -20,7 +20,7 @@ def free_port():
 @pytest.fixture(scope="module")
 def server(llama_relu):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "edgesparse.cli", "serve", str(llama_relu), "--backend", "cpu",
+    proc = subprocess.Popen([sys.executable, "-m", "edgesparse", "serve", str(llama_relu), "--backend", "cpu",
                              "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     for _ in range(300):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import edgesparse
-from edgesparse.cli import main
-from edgesparse.zeroshot import TASKS, continuation_logprob, eval_zeroshot
+from edgesparse.apps.cli import main
+from edgesparse.eval.zeroshot import TASKS, continuation_logprob, eval_zeroshot
 
 
 def test_continuation_logprob_matches_manual_sum():

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from edgesparse.eval.data import find_data_dir
+
 # Training text (see ../shared/data/README.md).  WikiText-2 test is evaluation-only.
 CORPUS = {
     "wikitext-2-tok-valid.txt": 3,  # repeat: closest to the evaluation domain
@@ -27,20 +29,6 @@ CORPUS = {
     "python-3.11-docs.rst.txt": 1,
 }
 VOCAB = 8192
-
-
-def find_data_dir() -> Path:
-    """``$EDGESPARSE_DATA``, else ``shared/data`` beside the checkout (or the working dir)."""
-    import os
-    from edgesparse.errors import ModelFilesError
-    if os.environ.get("EDGESPARSE_DATA"):
-        return Path(os.environ["EDGESPARSE_DATA"])
-    for parent in [*Path(__file__).resolve().parents, Path.cwd(), *Path.cwd().parents]:
-        cand = parent.parent / "shared" / "data"
-        if (cand / "tinyshakespeare.txt").exists():
-            return cand
-    raise ModelFilesError("the default text corpus (../shared/data) was not found; "
-                          "pass --data FILE or set EDGESPARSE_DATA")
 
 
 def detok_wikitext(text: str) -> str:

@@ -11,7 +11,7 @@ def create_app(llm, opts: ServeOptions | None = None):
 
 
 def serve(llm, opts: ServeOptions | None = None, log_level: str = "warning") -> None:
-    from ..errors import EdgeSparseError
+    from ...errors import EdgeSparseError
     try:
         from .app import serve as _serve
     except ImportError as e:

@@ -15,9 +15,9 @@ import torch
 
 from edgesparse.backends import get_executor
 from edgesparse.predictors.int8 import snap_factors
-from .errors import InvalidOptionError
-from .sparse_ffn import SparsityStats, ffn_forward
-from .loader import DTYPES
+from ..errors import InvalidOptionError
+from ..sparse_ffn import SparsityStats, ffn_forward
+from ..loader import DTYPES
 
 
 def parse_shape(s: str) -> tuple[int, int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from ..errors import InvalidOptionError
+from ...errors import InvalidOptionError
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..sampling import SEED_RANGE, SamplingParams
+from ...sampling import SEED_RANGE, SamplingParams
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # Accepted only at these values (a list: any of them). ``user`` and ``metadata``-like fields are

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import InvalidOptionError
-from .progress import progress
+from ..errors import InvalidOptionError
+from ..progress import progress
 
 TASKS = ("lambada", "piqa", "arc_easy", "hellaswag")
 
@@ -63,7 +63,7 @@ def continuation_logprob(model, tok, ctx: str, cont: str, sparse: bool) -> tuple
 
 
 def eval_zeroshot(llm, tasks=TASKS, limit: int | None = 200, data_dir=None, sparse: bool = True) -> dict:
-    from .embedded.train import find_data_dir
+    from .data import find_data_dir
     d = Path(data_dir) if data_dir else find_data_dir()
     bad = [t for t in tasks if t not in LOADERS]
     if bad:

@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from .errors import InvalidOptionError
-from .progress import progress
+from ..errors import InvalidOptionError
+from ..progress import progress
 
 SYNTHETIC = {"tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                                     num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
@@ -25,8 +25,8 @@ def synthetic_model(name: str, backend: str, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from edgesparse.backends import get_executor
-    from .loader import build_model
-    from .spec import spec_from_config
+    from ..loader import build_model
+    from ..spec import spec_from_config
     if name not in SYNTHETIC:
         raise InvalidOptionError(f"unknown synthetic model {name!r}; choose {', '.join(SYNTHETIC)}")
     cfg = LlamaConfig(hidden_act="relu", tie_word_embeddings=False, **SYNTHETIC[name])
@@ -47,17 +47,17 @@ def _hf_tok_s(hf, ids, n):
 
 
 def _engine_tok_s(engine, ids, n):
-    from .sampling import SamplingParams
+    from ..sampling import SamplingParams
     out = engine.generate_ids([ids], SamplingParams(max_new_tokens=n, stop_token_ids=[]))[0]
     return out.tokens_per_s
 
 
 def bench_decode(model_path=None, synthetic=None, backend="cpu", dtype="bf16", prompt_tokens=32,
                  new_tokens=32, rounds=3, ffn_gate_sparsity=0.86, attn_sparsity=0.4, rotation="global") -> dict:
-    from .calibrate import calibrate_model
-    from .artifacts import apply_topk, attach_artifacts
-    from .engine import Engine
-    from .loader import DTYPES, load_model
+    from ..calibrate import calibrate_model
+    from ..artifacts import apply_topk, attach_artifacts
+    from ..engine import Engine
+    from ..loader import DTYPES, load_model
     if (model_path is None) == (synthetic is None):
         raise InvalidOptionError("give a MODEL or --synthetic NAME")
     tdtype = DTYPES[dtype]
@@ -119,7 +119,7 @@ def bench_decode(model_path=None, synthetic=None, backend="cpu", dtype="bf16", p
 
 
 def _default_text():
-    from .calibrate import default_data
+    from ..calibrate import default_data
     return default_data()[0]
 
 

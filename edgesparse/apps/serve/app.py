@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
-from ..errors import EdgeSparseError
+from ...errors import EdgeSparseError
 from .guard import Guard
 from .openai_api import Parsed, RequestError, parse_chat, parse_completion, parse_json
 from .options import ServeOptions

@@ -9,8 +9,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .progress import progress
-from .textdata import read_texts, token_windows
+from ..progress import progress
+from .data import read_texts, token_windows
 
 
 def window_nll(model, windows: torch.Tensor, sparse: bool, desc: str,

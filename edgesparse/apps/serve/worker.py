@@ -14,7 +14,7 @@ import time
 import traceback
 from collections import deque
 
-from ..errors import EdgeSparseError
+from ...errors import EdgeSparseError
 from .openai_api import RequestError
 
 

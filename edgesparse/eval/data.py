@@ -1,4 +1,5 @@
-"""Reading text files for calibration and evaluation, and cutting them into token windows."""
+"""Finding the text corpus, reading text files for calibration and evaluation, and cutting
+them into token windows."""
 from __future__ import annotations
 
 import hashlib
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import EmptyDataError, ModelFilesError
+from ..errors import EmptyDataError, ModelFilesError
 
 
 def read_texts(files) -> tuple[str, list[dict]]:
@@ -36,3 +37,16 @@ def token_windows(tokenizer, text: str, window: int, max_tokens: int | None = No
     if n == 0:
         raise EmptyDataError(f"the data holds {len(ids)} tokens, fewer than one window of {window}")
     return torch.tensor(ids[:n * window]).view(n, window)
+
+
+def find_data_dir() -> Path:
+    """``$EDGESPARSE_DATA``, else ``shared/data`` beside the checkout (or the working dir)."""
+    import os
+    if os.environ.get("EDGESPARSE_DATA"):
+        return Path(os.environ["EDGESPARSE_DATA"])
+    for parent in [*Path(__file__).resolve().parents, Path.cwd(), *Path.cwd().parents]:
+        cand = parent.parent / "shared" / "data"
+        if (cand / "tinyshakespeare.txt").exists():
+            return cand
+    raise ModelFilesError("the default text corpus (../shared/data) was not found; "
+                          "pass --data FILE or set EDGESPARSE_DATA")

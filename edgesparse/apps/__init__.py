@@ -1,0 +1,1 @@
+"""Programs built on the runtime: the command line, the terminal chat and the server."""

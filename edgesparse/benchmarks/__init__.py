@@ -1,0 +1,1 @@
+"""The code behind ``edgesparse bench``: one FFN layer, and whole-model decode."""

@@ -1,0 +1,1 @@
+"""Evaluation: corpus discovery and text windows, perplexity, zero-shot tasks."""
