@@ -35,12 +35,14 @@ class LLM:
         """Yield text pieces; ``on_finish`` receives ``{finish_reason, completion_tokens}``."""
         return self.engine.stream(prompt, SamplingParams(**kw), on_finish=on_finish)
 
-    def chat_prompt(self, messages: list[dict]) -> str:
-        """Render chat messages with the tokenizer's chat template."""
+    def chat_prompt(self, messages: list[dict], tokenizer=None) -> str:
+        """Render chat messages with the tokenizer's chat template (``tokenizer``: a copy of
+        this model's, for a caller on another thread)."""
         from .errors import InvalidOptionError
-        if not getattr(self.tokenizer, "chat_template", None):
+        tok = tokenizer or self.tokenizer
+        if not getattr(tok, "chat_template", None):
             raise InvalidOptionError(f"model {self.name} has no chat template; use plain completions")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def chat_stop_ids(self) -> list[int]:
         """EOS plus the end-of-turn tokens of common chat templates present in the vocabulary."""

@@ -177,3 +177,17 @@ def test_allowed_host_extends_the_list():
     o = ServeOptions(allowed_hosts=["box.lan"])
     assert o.host_allowed("box.lan:8000") and not o.host_allowed("other.lan")
     assert ServeOptions(host="0.0.0.0", allowed_hosts=["box.lan"]).host_allowed("other.lan") is False
+
+
+def test_prompt_prep_without_a_chat_template_names_messages(llama_relu):
+    pytest.importorskip("fastapi")
+    import edgesparse
+    from edgesparse.apps.serve.app import PromptPrep
+    from edgesparse.apps.serve.openai_api import parse_chat
+    llm = edgesparse.load(llama_relu, backend="cpu")
+    req = parse_chat({"messages": [{"role": "user", "content": "hi"}]}, llm.name)
+    assert PromptPrep(llm)._ids(req) == llm.engine.encode(llm.chat_prompt(req.messages))
+    llm.tokenizer.chat_template = None
+    with pytest.raises(RequestError) as e:
+        PromptPrep(llm)._ids(req)
+    assert e.value.param == "messages" and "no chat template" in str(e.value)

@@ -38,10 +38,10 @@ class PromptPrep:
     def _ids(self, req: Parsed) -> list[int]:
         prompt = req.prompt
         if req.chat:
-            if not getattr(self.tok, "chat_template", None):
-                raise RequestError(f"model {self.llm.name} has no chat template; use /v1/completions", "messages")
             try:
-                prompt = self.tok.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+                prompt = self.llm.chat_prompt(req.messages, tokenizer=self.tok)
+            except EdgeSparseError as e:      # no chat template
+                raise RequestError(f"{e}: use /v1/completions", "messages") from None
             except Exception as e:      # the template's own checks (role order, ...) are user errors
                 raise RequestError(f"the chat template rejected the messages: {str(e).splitlines()[0][:160]}",
                                    "messages") from None
@@ -62,6 +62,7 @@ def create_app(llm, opts: ServeOptions | None = None):
     worker = EngineWorker(llm.engine, opts.max_queue, opts.stall_timeout_s)
     prep = PromptPrep(llm)
     model_id, created, ctx = llm.name, int(time.time()), llm.model.spec.max_positions
+    chat_stop_ids = llm.chat_stop_ids()   # once: it walks the vocabulary
 
     @asynccontextmanager
     async def lifespan(app):
@@ -84,22 +85,22 @@ def create_app(llm, opts: ServeOptions | None = None):
         return JSONResponse(status_code=500, content=RequestError("internal error", status=500,
                                                                   kind="server_error").body())
 
-    async def start_job(request: Request, req: Parsed) -> tuple[Job, int]:
+    async def start_job(req: Parsed) -> Job:
         ids = await prep.ids(req)
         room = ctx - len(ids)
         if room < 1 or (req.max_tokens is not None and req.max_tokens > room):
             raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens or 1}) exceeds the "
                                f"model's context of {ctx} tokens", req.prompt_field, code="context_length_exceeded")
         req.params.max_new_tokens = req.max_tokens or room
-        req.params.stop_token_ids = llm.chat_stop_ids() if req.chat else None
+        req.params.stop_token_ids = chat_stop_ids if req.chat else None
         try:
             req.params.validate()
         except EdgeSparseError as e:
             raise RequestError(str(e)) from None
-        return worker.submit(Job(asyncio.get_running_loop(), ids, req.params)), len(ids)
+        return worker.submit(Job(asyncio.get_running_loop(), ids, req.params))
 
     async def answer(request: Request, req: Parsed):
-        job, n_prompt = await start_job(request, req)
+        job = await start_job(req)
         rid = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24]
         head = {"id": rid, "created": int(time.time()), "model": model_id}
         if req.stream:

@@ -68,9 +68,10 @@ class Guard:
                 return await _reject(send, 415, f"Content-Type must be application/json, got {ctype[:60]!r}",
                                      "unsupported_media_type")
             length = headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > o.max_body_bytes):
-                return await _too_large(send, o) if length.isdigit() else await _reject(
-                    send, 400, "malformed Content-Length", "bad_content_length")
+            if length is not None and not length.isdigit():
+                return await _reject(send, 400, "malformed Content-Length", "bad_content_length")
+            if length is not None and int(length) > o.max_body_bytes:
+                return await _too_large(send, o)     # refused before a byte of it is read
             try:
                 body = await asyncio.wait_for(_read_body(receive, o.max_body_bytes), o.body_timeout_s)
             except _TooLarge:

@@ -174,9 +174,7 @@ class EngineWorker:
         job.emit("start", len(job.prompt_ids))
         try:
             for piece in self.engine.stream(job.prompt_ids, job.params, on_finish=fin.update, on_step=step):
-                job.emit("text", piece)
-                if job.cancelled.is_set():
-                    raise _Stop
+                job.emit("text", piece)     # cancellation is checked per token, in step()
         except _Stop:
             self._end(job, job.cancel_kind)
             return
