@@ -18,12 +18,11 @@ from pathlib import Path
 import torch
 
 import edgesparse
-from edgesparse.artifacts import rotations_from_tensors
-from edgesparse.calibrate import collect, default_data, fit_rotations, topk_sizes
+from edgesparse.sparsity.calibrate import collect, default_data
+from edgesparse.sparsity.larosa import fit_rotations, install_topk, rotations_from_tensors, topk_sizes
 from edgesparse.eval.data import find_data_dir
 from edgesparse.eval.perplexity import window_nll
 from edgesparse.eval.data import read_texts, token_windows
-from edgesparse.topk import install_topk
 from edgesparse.eval.zeroshot import eval_zeroshot
 
 
@@ -61,7 +60,7 @@ def main():
     col = collect(m, token_windows(llm.tokenizer, text, 256, args.calib_tokens), keep_ffn=False)
     rots = {}
     for name in args.rotations:
-        t = fit_rotations(m, col, name.removeprefix("rotated-"))
+        t = fit_rotations(m, col.gram, name.removeprefix("rotated-"))
         rots[name] = rotations_from_tensors(t, m.spec.n_layers)
     del col
     wtext, _ = read_texts([find_data_dir() / "wikitext-2-raw-test.txt"])

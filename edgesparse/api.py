@@ -62,8 +62,8 @@ def load(path, backend: str = "auto", dtype=None, artifacts=None) -> LLM:
     model, tok, config, p = load_model(path, backend=backend, dtype=dtype)
     arts = None
     if artifacts is not None:
-        from .artifacts import attach_artifacts
-        arts = attach_artifacts(model, config, artifacts)
+        from .sparsity import attach_artifacts
+        arts = attach_artifacts(model, artifacts)
     llm = LLM(model, tok, config, p, arts)
     if arts is not None and arts.has_predictors:
         llm.set_ffn_mode("predictor")

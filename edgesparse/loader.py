@@ -12,8 +12,10 @@ import torch
 from edgesparse.backends import get_executor
 from edgesparse.backends.interface import Executor
 from .errors import InvalidOptionError, ModelFilesError, UnsupportedModelError
-from .model import DecoderModel, LayerWeights
-from .spec import spec_from_config, ModelSpec
+from .models.decoder import DecoderModel
+from .models.families import Family, family_of
+from .models.spec import spec_from_config, ModelSpec
+from .models.weights import Attention, Layer, gated_mlp
 from .embedded import TINY
 
 EMBEDDED = {"tiny": TINY}
@@ -42,9 +44,7 @@ def load_config(p: Path):
     try:
         if p.is_dir():
             raw = json.loads((p / "config.json").read_text())
-            if raw.get("model_type") not in ("llama", "mistral", "qwen2"):
-                raise UnsupportedModelError(
-                    f"unsupported architecture {raw.get('model_type')!r}; edgesparse runs llama, mistral, qwen2")
+            family_of(raw.get("architectures"), raw.get("model_type"))   # refuse before transformers parses it
             return AutoConfig.from_pretrained(p)
         return AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
@@ -84,44 +84,48 @@ def load_state_dict(p: Path) -> dict[str, torch.Tensor]:
     return m.state_dict()
 
 
-def rope_tables(config, spec: ModelSpec, dtype):
+def rope_tables(config, spec: ModelSpec, family: Family, dtype):
     """cos/sin for every position, from transformers' own RoPE initialisation for the family."""
     import importlib
-    mod = importlib.import_module(f"transformers.models.{spec.family}.modeling_{spec.family}")
-    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[spec.family]
-    rotary = getattr(mod, f"{prefix}RotaryEmbedding")(config)
+    module, _, cls = family.rope.partition(":")
+    rotary = getattr(importlib.import_module(module), cls)(config)
     pos = torch.arange(spec.max_positions)[None]
     cos, sin = rotary(torch.zeros(1, dtype=torch.float32), pos)
     return cos[0].to(dtype), sin[0].to(dtype)
 
 
-def build_model(spec: ModelSpec, config, sd: dict, ex: Executor, dtype) -> DecoderModel:
+def build_model(config, sd: dict, ex: Executor, dtype, family: Family | None = None) -> DecoderModel:
+    """A DecoderModel from a state dict named as the family's ``TensorNames`` say."""
+    family = family or family_of(list(getattr(config, "architectures", None) or []),
+                                 getattr(config, "model_type", None))
+    spec = spec_from_config(config, family)
+    names = family.tensors
+
     def w(name, required=True):
         t = sd.get(name)
         if t is None and required:
             raise ModelFilesError(f"weight {name} missing from the checkpoint")
         return None if t is None else t.to(dtype)
 
+    def bias(template, i, present):
+        return w(template.format(i=i).replace("weight", "bias")) if present else None
+
     layers = []
     for i in range(spec.n_layers):
-        pre = f"model.layers.{i}."
-        a, m = pre + "self_attn.", pre + "mlp."
-        qkv_w = torch.cat([w(a + "q_proj.weight"), w(a + "k_proj.weight"), w(a + "v_proj.weight")])
+        n = lambda template: template.format(i=i)  # noqa: E731
+        qkv_w = torch.cat([w(n(names.q)), w(n(names.k)), w(n(names.v))])
         qkv_b = None
         if spec.qkv_bias:
-            qkv_b = torch.cat([w(a + "q_proj.bias"), w(a + "k_proj.bias"), w(a + "v_proj.bias")])
-        ffn = ex.prepare_ffn(w(m + "gate_proj.weight"), w(m + "up_proj.weight"), w(m + "down_proj.weight"),
-                             spec.act)
-        layers.append(LayerWeights(
-            attn_norm=ex.place(w(pre + "input_layernorm.weight")),
-            qkv=ex.prepare_linear(qkv_w, qkv_b),
-            o=ex.prepare_linear(w(a + "o_proj.weight"), w(a + "o_proj.bias", required=spec.o_bias)),
-            mlp_norm=ex.place(w(pre + "post_attention_layernorm.weight")),
-            ffn=ffn, gate_linear=ex.prepare_linear(ffn.gate)))
-    embed = ex.place(w("model.embed_tokens.weight"))
-    head = embed if spec.tied or "lm_head.weight" not in sd else ex.place(w("lm_head.weight"))
-    cos, sin = rope_tables(config, spec, dtype)
-    return DecoderModel(spec=spec, ex=ex, embed=embed, layers=layers, norm=ex.place(w("model.norm.weight")),
+            qkv_b = torch.cat([bias(t, i, True) for t in (names.q, names.k, names.v)])
+        attn = Attention(norm=ex.place(w(n(names.attn_norm))), qkv=ex.prepare_linear(qkv_w, qkv_b),
+                         o=ex.prepare_linear(w(n(names.o)), bias(names.o, i, spec.o_bias)))
+        mlp = gated_mlp(ex, ex.place(w(n(names.mlp_norm))), w(n(names.gate)), w(n(names.up)), w(n(names.down)),
+                        spec.act)
+        layers.append(Layer(attn, mlp))
+    embed = ex.place(w(names.embed))
+    head = embed if spec.tied or names.lm_head not in sd else ex.place(w(names.lm_head))
+    cos, sin = rope_tables(config, spec, family, dtype)
+    return DecoderModel(spec=spec, ex=ex, embed=embed, layers=layers, norm=ex.place(w(names.norm)),
                         lm_head=ex.prepare_linear(head), cos=ex.place(cos), sin=ex.place(sin))
 
 
@@ -135,7 +139,7 @@ def load_model(path, backend: str = "auto", dtype=None):
     p = resolve_model_path(path)
     ex = get_executor(backend)
     config = load_config(p)
-    spec = spec_from_config(config)
+    spec_from_config(config)   # refuse an unsupported config before reading weights
     tok = load_tokenizer(p)
     sd = load_state_dict(p)
-    return build_model(spec, config, sd, ex, dtype), tok, config, p
+    return build_model(config, sd, ex, dtype), tok, config, p

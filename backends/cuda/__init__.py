@@ -9,7 +9,7 @@ import functools
 
 import torch
 
-from ..cpu import TorchExecutor
+from ..reference import TorchExecutor
 from ..interface import FFNWeights, PredictorWeights, TopKWeights, topk_indices
 
 

@@ -224,7 +224,7 @@ def _add_more_commands(sub):
 
 
 def cmd_calibrate(args):
-    from ..calibrate import DEFAULT_TOKENS, calibrate
+    from ..sparsity.calibrate import DEFAULT_TOKENS, calibrate
     rep = calibrate(args.model, args.output, data=args.data, backend=args.backend, dtype=args.dtype,
                     tokens=args.tokens or DEFAULT_TOKENS, rank=args.rank, target_sparsity=args.target_sparsity,
                     target_recall=args.target_recall, attn_sparsity=args.attn_sparsity,

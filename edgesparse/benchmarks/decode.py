@@ -26,7 +26,6 @@ def synthetic_model(name: str, backend: str, dtype):
 
     from edgesparse.backends import get_executor
     from ..loader import build_model
-    from ..spec import spec_from_config
     if name not in SYNTHETIC:
         raise InvalidOptionError(f"unknown synthetic model {name!r}; choose {', '.join(SYNTHETIC)}")
     cfg = LlamaConfig(hidden_act="relu", tie_word_embeddings=False, **SYNTHETIC[name])
@@ -34,7 +33,7 @@ def synthetic_model(name: str, backend: str, dtype):
     torch.manual_seed(0)
     hf = LlamaForCausalLM(cfg).to(dtype).eval()
     sd = hf.state_dict()
-    model = build_model(spec_from_config(cfg), cfg, sd, get_executor(backend), dtype)
+    model = build_model(cfg, sd, get_executor(backend), dtype)
     return hf, model, cfg
 
 
@@ -54,8 +53,8 @@ def _engine_tok_s(engine, ids, n):
 
 def bench_decode(model_path=None, synthetic=None, backend="cpu", dtype="bf16", prompt_tokens=32,
                  new_tokens=32, rounds=3, ffn_gate_sparsity=0.86, attn_sparsity=0.4, rotation="global") -> dict:
-    from ..calibrate import calibrate_model
-    from ..artifacts import apply_topk, attach_artifacts
+    from ..sparsity import apply_topk, attach_artifacts
+    from ..sparsity.calibrate import calibrate_model
     from ..engine import Engine
     from ..loader import DTYPES, load_model
     if (model_path is None) == (synthetic is None):
@@ -81,7 +80,7 @@ def bench_decode(model_path=None, synthetic=None, backend="cpu", dtype="bf16", p
                         attn_sparsity=attn_sparsity, rotation=rotation)
         calibrate_s = round(time.time() - t_cal, 1)
         # FFN-sparse is measured first, then Top-K attention is installed on the same model.
-        arts = attach_artifacts(model, cfg, f"{tmp}/arts", with_topk=False)
+        arts = attach_artifacts(model, f"{tmp}/arts", with_topk=False)
         setup_s = round(time.time() - t0, 1)
         engine = Engine(model, tok)
         g = torch.Generator().manual_seed(1)
@@ -90,9 +89,9 @@ def bench_decode(model_path=None, synthetic=None, backend="cpu", dtype="bf16", p
         with torch.inference_mode():
             for _ in progress(range(rounds), desc="decode rounds"):
                 res["hf"].append(_hf_tok_s(hf, torch.tensor([ids]), new_tokens))
-                model.ffn_mode = "dense"
+                model.set_ffn_mode("dense")
                 res["dense"].append(_engine_tok_s(engine, ids, new_tokens))
-                model.ffn_mode = "predictor"
+                model.set_ffn_mode("predictor")
                 model.stats.reset()
                 res["ffn_sparse"].append(_engine_tok_s(engine, ids, new_tokens))
             ffn_stats = model.stats.summary()
@@ -119,7 +118,7 @@ def bench_decode(model_path=None, synthetic=None, backend="cpu", dtype="bf16", p
 
 
 def _default_text():
-    from ..calibrate import default_data
+    from ..sparsity.calibrate import default_data
     return default_data()[0]
 
 

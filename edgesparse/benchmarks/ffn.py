@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from types import SimpleNamespace
 
 import torch
 
 from edgesparse.backends import get_executor
 from edgesparse.predictors.int8 import snap_factors
 from ..errors import InvalidOptionError
-from ..sparse_ffn import SparsityStats, ffn_forward
+from ..models.weights import ReGLUMLP
+from ..sparsity.ffn import SparsityStats
 from ..loader import DTYPES
 
 
@@ -78,8 +78,8 @@ def synthetic_layer(ex, d, f, sparsity, dtype, rank, false_pos=0.1, seed=0, int8
     scores = (x @ a @ b)[0]
     bias = -scores + torch.where(cand, 1.0, -1.0)
     ffn = ex.prepare_ffn(gate.to(dtype), up.to(dtype), down.to(dtype), "relu")
-    layer = SimpleNamespace(ffn=ffn, gate_linear=ex.prepare_linear(ffn.gate), mlp_topk=None,
-                            predictor=ex.prepare_predictor(a.to(dtype), b.to(dtype), bias.to(dtype)))
+    norm = torch.ones(d, dtype=dtype)   # the benchmark feeds the FFN directly: no norm
+    layer = ReGLUMLP(norm, ffn, ex.prepare_linear(ffn.gate), ex.prepare_predictor(a.to(dtype), b.to(dtype), bias.to(dtype)))
     return layer, ex.place(x.to(dtype)).view(1, 1, d), int(cand.sum()), n_active
 
 
@@ -87,8 +87,7 @@ def _copy_layer(ex, layer):
     # Through the executor, so each copy gets the same memory treatment as loaded weights.
     f, p = layer.ffn, layer.predictor
     ffn = ex.prepare_ffn(f.gate.clone(), f.up.clone(), f.down_t.t().clone(), f.act)
-    return SimpleNamespace(ffn=ffn, gate_linear=ex.prepare_linear(ffn.gate), mlp_topk=None,
-                           predictor=ex.prepare_predictor(p.a.clone(), p.b.clone(), p.bias.clone()))
+    return ReGLUMLP(layer.norm, ffn, ex.prepare_linear(ffn.gate), ex.prepare_predictor(p.a.clone(), p.b.clone(), p.bias.clone()))
 
 
 def bench_ffn(shape="4096x11008", sparsity=0.9, dtype="fp32", backend="cpu", rank=None, repeats=15,
@@ -112,7 +111,7 @@ def bench_ffn(shape="4096x11008", sparsity=0.9, dtype="fp32", backend="cpu", ran
     stats = SparsityStats()
 
     def run(mode):
-        return lambda: ffn_forward(ex, x, layers[next(turn) % copies], mode, stats)
+        return lambda: layers[next(turn) % copies].run(ex, x, mode, stats)
     runs = {"dense": run("dense"), "sparse": run("predictor"), "exact": run("exact")}
     with torch.inference_mode():
         ref = runs["dense"]()

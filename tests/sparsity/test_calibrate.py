@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import edgesparse
-from edgesparse.artifacts import TENSORS, MANIFEST
-from edgesparse.calibrate import calibrate
+from edgesparse.sparsity.artifacts import TENSORS, MANIFEST
+from edgesparse.sparsity.calibrate import calibrate
 from edgesparse.eval.perplexity import eval_ppl
 
 from conftest import DATA
@@ -57,12 +57,12 @@ def test_predictor_decode_equals_masked_reference(llama_relu, arts):
 
 
 def test_int8_predictor_factors_are_packed_on_cpu_and_optional(llama_relu, arts, textfile, tmp_path):
-    p = edgesparse.load(llama_relu, backend="cpu", artifacts=arts[0]).model.layers[0].predictor
+    p = edgesparse.load(llama_relu, backend="cpu", artifacts=arts[0]).model.layers[0].mlp.predictor
     assert p.packed is not None and p.packed[0].dtype == torch.int8 and p.packed[0].shape == p.a.t().shape
     calibrate(llama_relu, tmp_path / "f", data=[textfile], backend="cpu", tokens=1024, rank=16, window=128,
               int8_predictor=False)
     assert json.loads((tmp_path / "f" / MANIFEST).read_text())["calibration"]["predictor_factors"] == "float"
-    assert edgesparse.load(llama_relu, backend="cpu", artifacts=tmp_path / "f").model.layers[0].predictor.packed is None
+    assert edgesparse.load(llama_relu, backend="cpu", artifacts=tmp_path / "f").model.layers[0].mlp.predictor.packed is None
 
 
 def test_sparse_ppl_reports_and_gap(llama_relu, arts, textfile):
@@ -105,7 +105,7 @@ def test_interrupted_write_leaves_previous_artifacts(llama_relu, arts, textfile,
     out = tmp_path / "keep"
     shutil.copytree(arts[0], out)
     before = (out / MANIFEST).read_text()
-    import edgesparse.artifacts as A
+    import edgesparse.sparsity.artifacts as A
 
     def boom(*a, **k):
         raise KeyboardInterrupt

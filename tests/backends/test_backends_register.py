@@ -5,7 +5,7 @@ import torch
 
 import edgesparse.backends as backends
 from edgesparse.backends import register
-from edgesparse.backends.cpu import TorchExecutor
+from edgesparse.backends.reference import TorchExecutor
 from edgesparse.errors import InvalidOptionError
 
 from backends_contract import check_contract

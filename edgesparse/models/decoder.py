@@ -1,9 +1,10 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2) run through an executor.
+"""The decoder shared by every family (Llama layout), run through an executor.
 
 Weights live in the layouts the executor prepared; every matrix product goes through the
-executor, so this module never branches on the device.  Prefill runs the FFNs densely
-(many tokens use most neurons anyway); decode steps run each layer's FFN in the model's
-``ffn_mode`` via ``sparse_ffn``."""
+executor, so this module never branches on the device, and the layer's weight types
+(``weights.py``) say how each block runs, so it never checks a mode string either.  Prefill
+runs the FFNs densely (many tokens use most neurons anyway); decode steps run each layer's
+FFN in the model's ``ffn_mode``."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -12,26 +13,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from edgesparse.backends.interface import Executor, FFNWeights, LinearWeights, PredictorWeights, TopKWeights, rope
-from .errors import InvalidOptionError
+from edgesparse.backends.interface import Executor, LinearWeights, rope
+from edgesparse.errors import InvalidOptionError
+from edgesparse.sparsity.ffn import FFN_MODES, StatsBook
 from .spec import ModelSpec
-from .sparse_ffn import FFN_MODES, StatsBook, ffn_forward
-
-
-@dataclass
-class LayerWeights:
-    attn_norm: torch.Tensor
-    qkv: LinearWeights          # q, k and v fused: one pass over the shared input
-    o: LinearWeights
-    mlp_norm: torch.Tensor
-    ffn: FFNWeights
-    gate_linear: LinearWeights  # view of ffn.gate for the dense gate of exact mode
-    predictor: PredictorWeights | None = None
-    # Top-K / LaRoSA (set by topk.install_topk): qkv and o then hold TopKWeights
-    attn_adapter: LinearWeights | None = None   # residual basis change attention -> MLP
-    mlp_adapter: LinearWeights | None = None    # residual basis change MLP -> next layer
-    mlp_topk: TopKWeights | None = None         # SwiGLU: gate and up stacked, transposed
-    down_topk: TopKWeights | None = None
+from .weights import Layer, TopKAttention
 
 
 @dataclass
@@ -48,17 +34,16 @@ class DecoderModel:
     spec: ModelSpec
     ex: Executor
     embed: torch.Tensor        # [V, d]
-    layers: list[LayerWeights]
+    layers: list[Layer]
     norm: torch.Tensor
     lm_head: LinearWeights
     cos: torch.Tensor          # [max_positions, head_dim] RoPE tables (transformers' own init)
     sin: torch.Tensor
     ffn_mode: str = "dense"    # how decode steps run FFNs: dense | exact | predictor (ReGLU) | topk
-    attn_mode: str = "dense"   # dense | topk (after topk.install_topk)
+    attn_mode: str = "dense"   # dense | topk (needs TopKAttention layers: sparsity/larosa.py)
     in_rotation: LinearWeights | None = None    # LaRoSA: embeddings into the first basis
     out_rotation: LinearWeights | None = None   # and back before the final norm
     stats: StatsBook = field(default_factory=StatsBook)
-    observer: object = None    # calibration hook: observer(layer, site, normed_input)
 
     @property
     def dtype(self):
@@ -67,19 +52,21 @@ class DecoderModel:
     def set_ffn_mode(self, mode: str) -> None:
         if mode not in FFN_MODES:
             raise InvalidOptionError(f"ffn mode must be one of {', '.join(FFN_MODES)}, got {mode!r}")
-        if mode == "topk":
-            if self.layers[0].mlp_topk is None:
+        mlp = self.layers[0].mlp
+        if mode not in mlp.modes:
+            if mode == "topk":
                 raise InvalidOptionError("ffn mode 'topk' needs Top-K artifacts of a SwiGLU model")
-        elif mode != "dense" and not self.spec.is_reglu:
-            raise InvalidOptionError(f"ffn mode {mode!r} needs a ReGLU model (hidden_act=relu)")
-        if mode == "predictor" and any(l.predictor is None for l in self.layers):
+            if not self.spec.is_reglu:
+                raise InvalidOptionError(f"ffn mode {mode!r} needs a ReGLU model (hidden_act=relu)")
+            raise InvalidOptionError(f"ffn mode {mode!r} is not available on {type(mlp).__name__} layers")
+        if mode == "predictor" and any(l.mlp.predictor is None for l in self.layers):
             raise InvalidOptionError("ffn mode 'predictor' needs calibration artifacts (see `edgesparse calibrate`)")
         self.ffn_mode = mode
 
     def set_attn_mode(self, mode: str) -> None:
         if mode not in ("dense", "topk"):
             raise InvalidOptionError(f"attention mode must be dense or topk, got {mode!r}")
-        if mode == "topk" and not isinstance(self.layers[0].qkv, TopKWeights):
+        if mode == "topk" and not isinstance(self.layers[0].attn, TopKAttention):
             raise InvalidOptionError("attention mode 'topk' needs Top-K artifacts (calibrate --attn-sparsity)")
         self.attn_mode = mode
 
@@ -95,12 +82,6 @@ class DecoderModel:
             yield self
         finally:
             self.ffn_mode, self.attn_mode = saved
-
-    def _proj(self, x, w, sparse: bool):
-        if not isinstance(w, TopKWeights):
-            return self.ex.linear(x, w)
-        out = self.ex.topk_linear(x.reshape(-1, x.shape[-1]), w, None if sparse else w.weight_t.shape[0])
-        return out.view(*x.shape[:-1], out.shape[-1])
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         s = self.spec
@@ -143,10 +124,9 @@ class DecoderModel:
             x = self.ex.linear(x, self.in_rotation)
         nq, nkv, hd = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.head_dim
         for li, layer in enumerate(self.layers):
-            h = self.ex.rms_norm(x, layer.attn_norm, s.eps)
-            if self.observer is not None:
-                self.observer(li, "attn_in", h, valid)
-            qkv = self._proj(h, layer.qkv, attn_sparse)
+            attn, mlp = layer.attn, layer.mlp
+            h = self.ex.rms_norm(x, attn.norm, s.eps)
+            qkv = attn.project(self.ex, h, "qkv", attn_sparse)
             if single:
                 att = self.ex.decode_attention(qkv.view(-1), cos, sin, cache.k[li][0], cache.v[li][0],
                                                start, first, s.n_heads).view(1, 1, nq)
@@ -160,15 +140,13 @@ class DecoderModel:
                 att = F.scaled_dot_product_attention(q, cache.k[li][:, :, :end], cache.v[li][:, :, :end],
                                                      attn_mask=mask, enable_gqa=s.n_kv_heads != s.n_heads)
                 att = att.transpose(1, 2).reshape(B, T, nq)
-            x = x + self._proj(att, layer.o, attn_sparse)
-            if layer.attn_adapter is not None:
-                x = self.ex.linear(x, layer.attn_adapter)
-            h = self.ex.rms_norm(x, layer.mlp_norm, s.eps)
-            if self.observer is not None:
-                self.observer(li, "mlp_in", h, valid)
-            x = x + ffn_forward(self.ex, h, layer, mode, self.stats.layer(li))
-            if layer.mlp_adapter is not None:
-                x = self.ex.linear(x, layer.mlp_adapter)
+            x = x + attn.project(self.ex, att, "o", attn_sparse)
+            if attn.adapter is not None:
+                x = self.ex.linear(x, attn.adapter)
+            h = self.ex.rms_norm(x, mlp.norm, s.eps)
+            x = x + mlp.run(self.ex, h, mode, self.stats.layer(li))
+            if layer.adapter is not None:
+                x = self.ex.linear(x, layer.adapter)
         cache.length = end
         if self.out_rotation is not None:
             x = self.ex.linear(x, self.out_rotation)

@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from .cpu import TorchExecutor
+from ..reference import TorchExecutor
 
 
 @functools.lru_cache(maxsize=1)

@@ -3,7 +3,7 @@ be unavailable (the cpu backend must then fall back to torch ops, not fail)."""
 import pytest
 import torch
 
-from edgesparse.backends import native
+from edgesparse.backends.cpu import native
 from edgesparse.backends.cpu import CpuExecutor
 from edgesparse.backends.interface import topk_indices
 from edgesparse.predictors.int8 import snap_factors, snap_rows

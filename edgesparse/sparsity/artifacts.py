@@ -1,4 +1,5 @@
-"""Calibration artifacts: one safetensors file plus a JSON manifest, written atomically.
+"""Calibration artifacts (I/O only): one safetensors file plus a JSON manifest, written
+atomically.  Installing them on a model is ``sparsity.attach_artifacts``.
 
 The manifest holds a fingerprint of the model (config, weight shapes and a checksum of
 the weights the artifacts depend on) so artifacts are never applied to another model, and
@@ -15,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .errors import ArtifactError, FingerprintMismatchError
+from edgesparse import __version__
+from edgesparse.errors import ArtifactError, FingerprintMismatchError
+from edgesparse.models.weights import Attention, GatedMLP
 
 FORMAT_VERSION = 1
 TENSORS = "artifacts.safetensors"
@@ -26,12 +28,16 @@ MANIFEST = "manifest.json"
 def model_fingerprint(model) -> dict:
     """Architecture + shapes + a checksum of the FFN and norm weights (bf16-rounded, so the
     same checkpoint loaded in fp32, bf16 or fp16-from-disk gives the same fingerprint)."""
+    if not all(isinstance(l.attn, Attention) and isinstance(l.mlp, GatedMLP) for l in model.layers):
+        raise ArtifactError("artifacts are fitted to and checked against a freshly loaded model; "
+                            "this one already has Top-K installed")
     s = model.spec
     arch = {k: getattr(s, k) for k in ("family", "vocab_size", "hidden", "intermediate", "n_layers",
                                          "n_heads", "n_kv_heads", "head_dim", "act")}
     h = hashlib.blake2b(digest_size=16)
     for layer in model.layers:
-        for t in (layer.mlp_norm, layer.attn_norm, layer.ffn.gate, layer.ffn.up, layer.ffn.down_t):
+        ffn = layer.mlp.ffn
+        for t in (layer.mlp.norm, layer.attn.norm, ffn.gate, ffn.up, ffn.down_t):
             h.update(t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
     return dict(arch=arch, weights_blake2b=h.hexdigest())
 
@@ -105,43 +111,6 @@ def check_fingerprint(arts: Artifacts, model, path) -> None:
     if want.get("weights_blake2b") != got["weights_blake2b"]:
         raise FingerprintMismatchError(f"artifacts in {path} were calibrated for another model "
                                        "(same architecture, different weights)")
-
-
-def attach_artifacts(model, config, path, with_topk: bool = True) -> Artifacts:
-    """Load artifacts, check them against ``model``, and install them on its layers
-    (Top-K projections only with ``with_topk``; ``apply_topk`` installs them later)."""
-    arts = load_artifacts(path)
-    check_fingerprint(arts, model, path)
-    ex, t = model.ex, arts.tensors
-    for i, layer in enumerate(model.layers):
-        key = f"layers.{i}.predictor"
-        if f"{key}.a" in t:
-            layer.predictor = ex.prepare_predictor(t[f"{key}.a"].to(model.dtype), t[f"{key}.b"].to(model.dtype),
-                                                   t[f"{key}.bias"].to(model.dtype))
-    if with_topk:
-        apply_topk(model, arts, path)
-    return arts
-
-
-def apply_topk(model, arts: Artifacts, path="artifacts") -> None:
-    """Install the artifacts' Top-K projections (and fold their rotations), if they have any."""
-    topk = arts.manifest.get("topk")
-    if not topk:
-        return
-    from .topk import install_topk
-    rot_a = rot_m = None
-    if topk["method"] == "rotated":
-        try:
-            rot_a, rot_m = rotations_from_tensors(arts.tensors, len(model.layers))
-        except KeyError as e:
-            raise ArtifactError(f"corrupted artifacts in {path}: missing tensor {e}") from None
-    install_topk(model, topk["k"], rot_a, rot_m, scaled=topk.get("scaled", False))
-
-
-def rotations_from_tensors(t: dict, n_layers: int):
-    """Per-layer ``(attention, MLP)`` rotation lists (float64) from artifact tensors."""
-    return ([t[f"layers.{i}.rotation.attn"].double() for i in range(n_layers)],
-            [t[f"layers.{i}.rotation.mlp"].double() for i in range(n_layers)])
 
 
 def _sha256(p: Path) -> str:

@@ -7,10 +7,11 @@
                   the gate is computed for candidates only; up/down only for candidates
                   whose ReLU(gate) > 0.  A false positive costs one gate row; only misses
                   (active neurons the predictor skipped) change the output.
+* ``topk``      – SwiGLU under (LaRoSA-rotated) Top-K of the MLP inputs.
 
-Decode (one token per row) uses the gather path.  ``ffn_forward`` on many tokens at once
-with a sparse mode (evaluation) uses the masked form of the same per-token arithmetic,
-which is the reference the gather path is tested against."""
+Decode (one token per row) uses the gather path.  Many tokens at once in a sparse mode
+(evaluation) use the masked form of the same per-token arithmetic, which is the reference
+the gather path is tested against.  The MLP weight types in ``models/weights.py`` call these."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -73,32 +74,28 @@ class StatsBook:
         return [dict(layer=i, **self.layers[i].summary()) for i in sorted(self.layers) if self.layers[i].neurons]
 
 
-def ffn_forward(ex, h: torch.Tensor, layer, mode: str, stats: SparsityStats) -> torch.Tensor:
-    """FFN of one layer for normed hidden states ``h [B, T, d]`` in ``mode``."""
+def reglu_forward(ex, h: torch.Tensor, mlp, mode: str, stats: SparsityStats) -> torch.Tensor:
+    """ReGLU FFN of ``h [B, T, d]`` in a sparse ``mode`` (exact or predictor): the gather path
+    for a decode step (one token per row), the masked reference form of the same arithmetic
+    for several tokens per row."""
     B, T, d = h.shape
     x = h.reshape(B * T, d)
-    if layer.mlp_topk is not None:   # SwiGLU under (rotated) Top-K: dense = all K
-        return _topk_mlp(ex, x, layer, mode == "topk").view(B, T, d)
-    if mode == "dense":
-        return ex.ffn_dense(x, layer.ffn).view(B, T, d)
-    if T == 1:
-        out = _gather_path(ex, x, layer, mode, stats)
-    else:
-        out = _masked_path(ex, x, layer, mode, stats)
+    out = (_gather_path if T == 1 else _masked_path)(ex, x, mlp, mode, stats)
     return out.view(B, T, d)
 
 
-def _topk_mlp(ex, x, layer, sparse: bool):
-    full = None if sparse else layer.mlp_topk.weight_t.shape[0]
-    gu = ex.topk_linear(x, layer.mlp_topk, full)
+def topk_mlp(ex, x, mlp, sparse: bool):
+    """SwiGLU under (rotated) Top-K: gate and up stacked in one Top-K linear, then down."""
+    full = None if sparse else mlp.gate_up.weight_t.shape[0]
+    gu = ex.topk_linear(x, mlp.gate_up, full)
     f = gu.shape[-1] // 2
     h = torch.nn.functional.silu(gu[:, :f]) * gu[:, f:]
-    return ex.topk_linear(h, layer.down_topk, None if sparse else f)
+    return ex.topk_linear(h, mlp.down, None if sparse else f)
 
 
-def _gather_path(ex, x, layer, mode, stats):
-    w = layer.ffn
-    out, gate_rows, active = ex.reglu_sparse(x, w, None if mode == "exact" else layer.predictor)
+def _gather_path(ex, x, mlp, mode, stats):
+    w = mlp.ffn
+    out, gate_rows, active = ex.reglu_sparse(x, w, None if mode == "exact" else mlp.predictor)
     n_tok = x.shape[0]
     stats.tokens += n_tok
     stats.neurons += n_tok * w.gate.shape[0]
@@ -107,15 +104,15 @@ def _gather_path(ex, x, layer, mode, stats):
     return out
 
 
-def _masked_path(ex, x, layer, mode, stats):
+def _masked_path(ex, x, mlp, mode, stats):
     """Per-token sparsity on many tokens at once, as dense ops with masks (reference)."""
-    w = layer.ffn
-    g = ex.linear(x, layer.gate_linear)
+    w = mlp.ffn
+    g = ex.linear(x, mlp.gate_linear)
     true_active = g > 0
     if mode == "exact":
         cand = torch.ones_like(true_active)
     else:
-        cand = ex.lowrank_scores(x, layer.predictor) > 0
+        cand = ex.lowrank_scores(x, mlp.predictor) > 0
     h = torch.relu(g) * cand
     out = (h * ex.linear(x, LinearWeights(w.up))) @ w.down_t
     stats.tokens += x.shape[0]
@@ -125,4 +122,3 @@ def _masked_path(ex, x, layer, mode, stats):
     stats.true_active += int(true_active.sum())
     stats.missed += int((true_active & ~cand).sum())
     return out
-

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import edgesparse
-from edgesparse.calibrate import calibrate
+from edgesparse.sparsity.calibrate import calibrate
 from edgesparse.predictors.rotation import block_topk_sizes, pca_rotation
 
 from conftest import DATA

@@ -1,7 +1,8 @@
 """Predictor factors on per-row int8 grids: snapping, and recognising the grid again."""
 import torch
 
-from edgesparse.predictors.int8 import int8_rows, snap_rows
+from edgesparse.backends.formats import int8_rows
+from edgesparse.predictors.int8 import snap_rows
 
 
 def test_snapped_rows_are_recovered_also_from_a_bf16_copy():

@@ -1,4 +1,5 @@
-"""Install Top-K sparse projections on a loaded model, folding LaRoSA rotations into weights.
+"""LaRoSA / Top-K: fit (layerwise rotations, Top-K sizes) and apply (fold the rotations into
+the weights and install Top-K projections on a loaded model).
 
 With rotation, each site (attention input, MLP input) of layer l has an orthogonal Q.  Its
 RMSNorm weight is folded into the linears that read it, so the norm commutes with Q; Q is
@@ -18,6 +19,60 @@ the dense model unchanged."""
 from __future__ import annotations
 
 import torch
+
+from edgesparse.errors import ArtifactError
+from edgesparse.models.weights import Attention, Layer, ReGLUMLP, TopKAttention, TopKMLP
+from edgesparse.predictors.rotation import block_topk_sizes, pca_rotation
+
+ROTATIONS = ("shared", "per-site", "global")
+
+
+# -- fit --------------------------------------------------------------------------------------
+def fit_rotations(model, gram: dict, rotation: str = "shared") -> dict:
+    """LaRoSA Q per layer and site from ``gram[tap]``, the Gram matrix of each tapped norm
+    output (``layers.{i}.attn_in`` / ``mlp_in``), with the norm's weight divided out.
+
+    ``shared``: one Q per layer for its attention and MLP inputs (one residual adapter per
+    layer); ``per-site``: one Q per input (two adapters per layer); ``global``: one Q for the
+    whole model from the pooled statistics (no adapters at all, only the two end rotations)."""
+    grams = {}
+    for i, layer in enumerate(model.layers):
+        for site, norm in (("attn_in", layer.attn.norm), ("mlp_in", layer.mlp.norm)):
+            inv = 1 / norm.double().cpu().abs().clamp(min=1e-6) * norm.double().cpu().sign()
+            g = gram[f"layers.{i}.{site}"] * inv[:, None] * inv[None, :]
+            grams[(i, site)] = g / g.trace()
+    if rotation == "global":
+        q = pca_rotation(sum(grams.values()))
+    tensors = {}
+    for i in range(len(model.layers)):
+        if rotation == "per-site":
+            qa, qm = pca_rotation(grams[(i, "attn_in")]), pca_rotation(grams[(i, "mlp_in")])
+        elif rotation == "shared":
+            qa = qm = pca_rotation(grams[(i, "attn_in")] + grams[(i, "mlp_in")])
+        else:
+            qa = qm = q
+        tensors[f"layers.{i}.rotation.attn"] = qa.float()
+        tensors[f"layers.{i}.rotation.mlp"] = qm.float()
+    return tensors
+
+
+def topk_sizes(spec, attn_sparsity, mlp_sparsity) -> dict:
+    nq, nkv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+    k_qkv, k_o = block_topk_sizes(attn_sparsity or 0.0, spec.hidden, nq + 2 * nkv, nq, spec.hidden)
+    ks = {"qkv": k_qkv, "o": k_o}
+    if not spec.is_reglu:
+        ks["mlp"], ks["down"] = block_topk_sizes(mlp_sparsity or 0.0, spec.hidden, 2 * spec.intermediate,
+                                                 spec.intermediate, spec.hidden)
+    return ks
+
+
+def rotations_from_tensors(t: dict, n_layers: int):
+    """Per-layer ``(attention, MLP)`` rotation lists (float64) from artifact tensors."""
+    return ([t[f"layers.{i}.rotation.attn"].double() for i in range(n_layers)],
+            [t[f"layers.{i}.rotation.mlp"].double() for i in range(n_layers)])
+
+
+# -- apply ------------------------------------------------------------------------------------
 
 
 def _adapter(ex, q_from, q_to, dtype):
@@ -44,20 +99,25 @@ def _col_norms(w):
 
 def install_topk(model, ks: dict, rot_attn=None, rot_mlp=None, scaled: bool = False) -> None:
     """``ks``: ``{"qkv": k, "o": k, "mlp": k, "down": k}`` (mlp/down only for SwiGLU).
-    ``rot_attn[l]``, ``rot_mlp[l]``: float64 ``[d, d]`` rotations, or None for magnitude Top-K."""
+    ``rot_attn[l]``, ``rot_mlp[l]``: float64 ``[d, d]`` rotations, or None for magnitude Top-K.
+    Replaces each layer's Attention with a TopKAttention (and a SwiGLU's GatedMLP with a
+    TopKMLP); a model that already has them is refused."""
     ex, dt, spec = model.ex, model.dtype, model.spec
+    if not all(isinstance(l.attn, Attention) for l in model.layers):
+        raise ArtifactError("Top-K is already installed on this model")
     rotated = rot_attn is not None
     n = spec.n_layers
     for li, layer in enumerate(model.layers):
-        dev = layer.qkv.weight.device
+        attn, mlp = layer.attn, layer.mlp
+        dev = attn.qkv.weight.device
         qa = rot_attn[li].to(dev) if rotated else None
         qm = rot_mlp[li].to(dev) if rotated else None
         # -- attention: qkv reads the (rotated) input; o writes into the residual basis ------
-        w, bqkv = layer.qkv.weight.double(), layer.qkv.bias
-        norm = layer.attn_norm.double()
+        w, bqkv = attn.qkv.weight.double(), attn.qkv.bias
+        norm = attn.norm.double()
         if rotated:
             w, norm = (w * norm) @ qa, torch.ones_like(norm)
-        wo, bo = layer.o.weight.double(), layer.o.bias
+        wo, bo = attn.o.weight.double(), attn.o.bias
         if rotated:
             wo = qa.T @ wo
             bo = None if bo is None else (bo.double() @ qa).to(dt)
@@ -65,36 +125,33 @@ def install_topk(model, ks: dict, rot_attn=None, rot_mlp=None, scaled: bool = Fa
             c = _col_norms(w)
             w, norm = w / c, norm * c
             w, bqkv, wo = _scale_v_into_o(spec, w, bqkv, wo)
-        layer.attn_norm = norm.to(dt)
-        layer.qkv = ex.prepare_topk(w.to(dt), bqkv, ks["qkv"])
-        layer.o = ex.prepare_topk(wo.to(dt), bo, ks["o"])
-        layer.attn_adapter = _adapter(ex, qa, qm, dt)
+        new_attn = TopKAttention(norm.to(dt), ex.prepare_topk(w.to(dt), bqkv, ks["qkv"]),
+                                 ex.prepare_topk(wo.to(dt), bo, ks["o"]), _adapter(ex, qa, qm, dt))
         # -- MLP ---------------------------------------------------------------------------------
-        f = layer.ffn
+        f = mlp.ffn
         gate, up, down_t = f.gate.double(), f.up.double(), f.down_t.double()
+        mlp_norm, predictor = mlp.norm, getattr(mlp, "predictor", None)
         if rotated:
-            gm = layer.mlp_norm.double()
+            gm = mlp_norm.double()
             gate, up, down_t = (gate * gm) @ qm, (up * gm) @ qm, down_t @ qm
-            if layer.predictor is not None:   # ReGLU predictor reads the same input
-                p = layer.predictor
-                a = qm.T @ (gm[:, None] * p.a.double())
-                layer.predictor = ex.prepare_predictor(a.to(dt), p.b, p.bias)
-            layer.mlp_norm = torch.ones_like(layer.mlp_norm)
+            if predictor is not None:   # ReGLU predictor reads the same input
+                a = qm.T @ (gm[:, None] * predictor.a.double())
+                predictor = ex.prepare_predictor(a.to(dt), predictor.b, predictor.bias)
+            mlp_norm = torch.ones_like(mlp_norm)
         if scaled and not spec.is_reglu:  # ReGLU inputs feed the SVD predictor: left as they are
-            gm = torch.ones_like(layer.mlp_norm.double()) if rotated else layer.mlp_norm.double()
+            gm = mlp_norm.double()
             c = _col_norms(torch.cat([gate, up]))
-            gate, up, layer.mlp_norm = gate / c, up / c, (gm * c).to(dt)
+            gate, up, mlp_norm = gate / c, up / c, (gm * c).to(dt)
             cd = down_t.norm(dim=1).clamp(min=1e-8)        # ||W_down[:, i]|| per neuron
             up, down_t = up * cd[:, None], down_t / cd[:, None]
         if spec.is_reglu:
-            layer.ffn = ex.prepare_ffn(gate.to(dt), up.to(dt), down_t.T.to(dt), f.act)
-            layer.gate_linear = ex.prepare_linear(layer.ffn.gate)
+            ffn = ex.prepare_ffn(gate.to(dt), up.to(dt), down_t.T.to(dt), f.act)
+            new_mlp = ReGLUMLP(mlp_norm, ffn, ex.prepare_linear(ffn.gate), predictor)
         else:
-            layer.mlp_topk = ex.prepare_topk(torch.cat([gate, up]).to(dt), None, ks["mlp"])
-            layer.down_topk = ex.prepare_topk(down_t.T.to(dt), None, ks["down"])
-            layer.ffn = None   # the Top-K layouts hold these weights now
+            new_mlp = TopKMLP(mlp_norm, ex.prepare_topk(torch.cat([gate, up]).to(dt), None, ks["mlp"]),
+                              ex.prepare_topk(down_t.T.to(dt), None, ks["down"]))
         nxt = rot_attn[li + 1].to(dev) if rotated and li + 1 < n else None
-        layer.mlp_adapter = _adapter(ex, qm, nxt, dt)
+        model.layers[li] = Layer(new_attn, new_mlp, _adapter(ex, qm, nxt, dt))
     if rotated:
         q_in, q_out = rot_attn[0].to(dev), rot_mlp[-1].to(dev)
         if model.lm_head.weight is not model.embed:
@@ -107,10 +164,9 @@ def install_topk(model, ks: dict, rot_attn=None, rot_mlp=None, scaled: bool = Fa
         else:   # tied: one matrix cannot absorb both, so rotate the stream at run time
             model.in_rotation = ex.prepare_linear(q_in.T.to(dt))      # x · Q_first
             model.out_rotation = ex.prepare_linear(q_out.to(dt))      # x · Q_lastᵀ
-    model.attn_mode = "topk"
+    model.set_attn_mode("topk")
     if not spec.is_reglu:
-        model.ffn_mode = "topk"
-
+        model.set_ffn_mode("topk")
 
 
 def _scale_v_into_o(spec, w_qkv, b_qkv, wo):
