@@ -35,3 +35,104 @@ def int8_rows(m: torch.Tensor) -> Int8Rows | None:
     if bool(((q * s[:, None] - m).abs() > tol).any()):
         return None
     return Int8Rows(q.to(torch.int8), s.float())
+
+
+# -- block-quantised rows: q8_0, q4_0 -------------------------------------------------------
+# A row of d weights is d/32 blocks; each block is an fp16 scale then its quants, so a row is
+# one contiguous byte stream and skipping rows never splits a block.  Matrices are stored
+# with the axis the kernels stream as rows: FFN gate/up [d_ff, d], the down projection
+# transposed [d_ff, d] (neuron-major), Top-K linears Wᵀ, dense linears W [d_out, d_in].
+BLOCK = 32
+BLOCK_BYTES = {"q8_0": 2 + BLOCK, "q4_0": 2 + BLOCK // 2}
+FLOAT_FORMATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WEIGHT_FORMATS = tuple(FLOAT_FORMATS) + tuple(BLOCK_BYTES)
+
+
+@dataclass
+class QuantRows:
+    """A ``[n, cols]`` matrix as block-quantised rows: ``data`` is uint8 ``[n, cols/32 * block bytes]``."""
+    fmt: str
+    data: torch.Tensor
+    cols: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.data.shape[0], self.cols))
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def rows(self, idx: torch.Tensor | None = None, dtype=torch.float32) -> torch.Tensor:
+        """The selected rows (all when ``idx`` is None), de-quantised: the reference every
+        quantised kernel is tested against."""
+        data = self.data if idx is None else self.data[idx]
+        n, nb = data.shape[0], self.cols // BLOCK
+        blocks = data.view(n, nb, BLOCK_BYTES[self.fmt])
+        scale = blocks[..., :2].contiguous().view(torch.float16).float()          # [n, nb, 1]
+        if self.fmt == "q8_0":
+            q = blocks[..., 2:].contiguous().view(torch.int8).float()
+        else:
+            packed = blocks[..., 2:].to(torch.int16)
+            q = torch.cat([packed & 15, packed >> 4], dim=-1).float() - 8
+        return (q * scale).view(n, self.cols).to(dtype)
+
+    # Read-only tensor-like views for code that inspects weights in float (calibration,
+    # fingerprints, LaRoSA folding): always the de-quantised values.
+    def float(self):
+        return self.rows()
+
+    def double(self):
+        return self.rows(dtype=torch.float64)
+
+    def to(self, *args, **kw):
+        return self.rows().to(*args, **kw)
+
+    def detach(self):
+        return self.rows()
+
+
+def quantizable(m, fmt: str | None) -> bool:
+    return fmt in BLOCK_BYTES and m.dim() == 2 and m.shape[1] % BLOCK == 0
+
+
+def quantize_rows(m: torch.Tensor, fmt: str, chunk: int = 4096) -> QuantRows:
+    """Quantise the rows of ``m [n, cols]`` (cols a multiple of 32) to ``fmt``, ``chunk`` rows at
+    a time so a large matrix never needs a second float copy.
+    q8_0: scale = max|block| / 127, q = round(w / scale).
+    q4_0: scale = -m / 8 with m the block's entry of largest magnitude (its sign kept), so m
+    itself maps to the end of the range exactly; n = clamp(floor(w / scale + 8.5), 0, 15)."""
+    if not quantizable(m, fmt):
+        raise ValueError(f"cannot quantise a {tuple(m.shape)} matrix to {fmt}: rows must be multiples of {BLOCK}")
+    n, cols = m.shape
+    nb = cols // BLOCK
+    out = torch.empty(n, nb * BLOCK_BYTES[fmt], dtype=torch.uint8)
+    for i in range(0, n, chunk):
+        blk = m[i:i + chunk].detach().to("cpu", torch.float32).view(-1, nb, BLOCK)
+        if fmt == "q8_0":
+            scale = blk.abs().amax(-1, keepdim=True) / 127
+            inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+            q = (blk * inv).round().clamp(-127, 127).to(torch.int8).view(torch.uint8)
+        else:
+            pos = blk.abs().argmax(-1, keepdim=True)
+            scale = blk.gather(-1, pos) / -8 + 0.0   # + 0.0: an all-zero block gets +0, not -0
+            inv = torch.where(scale != 0, 1 / scale, torch.zeros_like(scale))
+            q = (blk * inv + 8.5).floor().clamp(0, 15).to(torch.uint8)
+            q = q[..., :BLOCK // 2] | (q[..., BLOCK // 2:] << 4)
+        s = scale.to(torch.float16).view(torch.uint8)                                # [rows, nb, 2]
+        out[i:i + chunk] = torch.cat([s, q], dim=-1).view(-1, nb * BLOCK_BYTES[fmt])
+    return QuantRows(fmt, out, cols)
+
+
+def dense(w, dtype) -> torch.Tensor:
+    """A weight as a float tensor of ``dtype`` (QuantRows de-quantised; tensors as they are)."""
+    return w.rows(dtype=dtype) if isinstance(w, QuantRows) else w
+
+
+def rows_of(w, idx: torch.Tensor, dtype) -> torch.Tensor:
+    """Rows ``idx`` of a weight, as a float tensor of ``dtype``."""
+    return w.rows(idx, dtype) if isinstance(w, QuantRows) else torch.nn.functional.embedding(idx, w)

@@ -9,7 +9,10 @@ talks only to it, so nothing else branches on the device.  Conventions:
   ``down_t [d_ff, d]``, so the weights of one neuron are three contiguous rows and a gather
   over active neurons reads only those rows;
 * a *Top-K linear* stores ``weight_t [d_in, d_out]`` so the columns matching the kept
-  input entries are contiguous rows.
+  input entries are contiguous rows;
+* any of these matrices is a float tensor or, when the executor's ``weight_format`` is a
+  block format (``formats.py``: q8_0, q4_0), a ``QuantRows`` of the same shape whose rows are
+  the rows above, so a sparse op that skips a row skips whole blocks.
 """
 from __future__ import annotations
 
@@ -19,25 +22,29 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .formats import QuantRows, quantizable, quantize_rows
+
+Weight = "torch.Tensor | QuantRows"
+
 
 @dataclass
 class LinearWeights:
-    weight: torch.Tensor  # [d_out, d_in]
+    weight: Weight        # [d_out, d_in]
     bias: torch.Tensor | None = None
 
 
 @dataclass
 class TopKWeights:
-    weight_t: torch.Tensor  # [d_in, d_out]: the rows of kept inputs are contiguous
+    weight_t: Weight        # [d_in, d_out]: the rows of kept inputs are contiguous
     bias: torch.Tensor | None
     k: int                  # entries of the input kept per token
 
 
 @dataclass
 class FFNWeights:
-    gate: torch.Tensor    # [d_ff, d]
-    up: torch.Tensor      # [d_ff, d]
-    down_t: torch.Tensor  # [d_ff, d]  (W_down transposed)
+    gate: Weight          # [d_ff, d]
+    up: Weight            # [d_ff, d]
+    down_t: Weight        # [d_ff, d]  (W_down transposed)
     act: str              # "relu" (ReGLU) or "silu" (SwiGLU)
 
 
@@ -54,8 +61,11 @@ class Executor(ABC):
 
     name: str = "abstract"
 
-    def __init__(self, device: torch.device | str):
+    def __init__(self, device: torch.device | str, weight_format: str | None = None):
         self.device = torch.device(device)
+        # None: matrices keep the dtype they are given; "q8_0"/"q4_0": prepare_* quantise
+        # every matrix whose rows are whole blocks (others stay float: see ``quantizable``).
+        self.weight_format = weight_format
 
     # -- discovery ---------------------------------------------------------------------------
     @classmethod
@@ -72,14 +82,25 @@ class Executor(ABC):
         """Move a tensor to this backend's device, contiguous, optionally cast."""
         return t.to(device=self.device, dtype=dtype or t.dtype).contiguous()
 
-    def prepare_linear(self, weight, bias=None) -> LinearWeights:
-        return LinearWeights(self.place(weight), None if bias is None else self.place(bias))
+    def place_matrix(self, m, fmt: str | None = None):
+        """A weight matrix in the layout the kernels stream: ``fmt`` (default: this executor's
+        ``weight_format``) where its rows are whole blocks, else a float tensor."""
+        if isinstance(m, QuantRows):   # already prepared (a tied lm_head, the gate of exact mode)
+            return m
+        fmt = self.weight_format if fmt is None else fmt
+        if quantizable(m, fmt):
+            q = quantize_rows(m, fmt)
+            return QuantRows(q.fmt, self.place(q.data), q.cols)
+        return self.place(m)
+
+    def prepare_linear(self, weight, bias=None, fmt: str | None = None) -> LinearWeights:
+        return LinearWeights(self.place_matrix(weight, fmt), None if bias is None else self.place(bias))
 
     def prepare_ffn(self, gate, up, down, act: str) -> FFNWeights:
-        return FFNWeights(self.place(gate), self.place(up), self.place(down.t()), act)
+        return FFNWeights(self.place_matrix(gate), self.place_matrix(up), self.place_matrix(down.t()), act)
 
     def prepare_topk(self, weight, bias, k: int) -> TopKWeights:
-        return TopKWeights(self.place(weight.t()), None if bias is None else self.place(bias), int(k))
+        return TopKWeights(self.place_matrix(weight.t()), None if bias is None else self.place(bias), int(k))
 
     def prepare_predictor(self, a, b, bias) -> PredictorWeights:
         return PredictorWeights(self.place(a), self.place(b), self.place(bias))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .formats import QuantRows, dense, rows_of
 from .interface import Executor, FFNWeights, LinearWeights, PredictorWeights, TopKWeights, activate, topk_indices
 
 
@@ -23,23 +24,25 @@ DENSE_SHARE = 0.35
 
 
 class TorchExecutor(Executor):
-    """Device-agnostic torch implementation; ``CpuExecutor`` and ``CannExecutor`` bind a device."""
+    """Device-agnostic torch implementation; ``CpuExecutor`` and ``CannExecutor`` bind a device.
+    Block-quantised weights (``QuantRows``) are de-quantised here, only the rows an op reads:
+    correct on every device, and the reference for the kernels that read the blocks directly."""
 
     def linear(self, x, w: LinearWeights):
-        return F.linear(x, w.weight, w.bias)
+        return F.linear(x, dense(w.weight, x.dtype), w.bias)
 
     def ffn_dense(self, x, w: FFNWeights):
-        h = activate(F.linear(x, w.gate), w.act) * F.linear(x, w.up)
+        h = activate(F.linear(x, dense(w.gate, x.dtype)), w.act) * F.linear(x, dense(w.up, x.dtype))
         if h.dim() == 2 and h.shape[0] == 1:
             # One token: a weighted sum of all down_t rows reads them in their stored order
             # (2x faster than h @ down_t, whose transposed GEMV is slow on CPU).
             return weighted_row_sum(w.down_t, torch.arange(h.shape[1], device=h.device), h)
-        return h @ w.down_t
+        return h @ dense(w.down_t, h.dtype)
 
     def gate_rows(self, x, w: FFNWeights, idx):
         if idx.numel() > DENSE_SHARE * w.gate.shape[0]:
-            return F.linear(x, w.gate)[:, idx]
-        return x @ F.embedding(idx, w.gate).t()
+            return F.linear(x, dense(w.gate, x.dtype))[:, idx]
+        return x @ rows_of(w.gate, idx, x.dtype).t()
 
     def up_down_rows(self, x, h, w: FFNWeights, idx):
         n_rows = w.up.shape[0]
@@ -47,15 +50,15 @@ class TorchExecutor(Executor):
             # Many rows: reading all of them in order beats gathering (see docs/performance.md).
             full = torch.zeros(x.shape[0], n_rows, dtype=h.dtype, device=h.device)
             full[:, idx] = h
-            coef = full * F.linear(x, w.up)
+            coef = full * F.linear(x, dense(w.up, x.dtype))
             return weighted_row_sum(w.down_t, torch.arange(n_rows, device=x.device), coef)
-        u = x @ F.embedding(idx, w.up).t()
+        u = x @ rows_of(w.up, idx, x.dtype).t()
         return weighted_row_sum(w.down_t, idx, h * u)
 
     def topk_linear(self, x, w: TopKWeights, k=None):
         k = w.k if k is None else k
         if k >= w.weight_t.shape[0]:
-            out = x @ w.weight_t
+            out = x @ dense(w.weight_t, x.dtype)
         elif x.shape[0] == 1:
             idx = topk_indices(x[0], k)
             out = weighted_row_sum(w.weight_t, idx, x[:, idx])
@@ -63,16 +66,18 @@ class TorchExecutor(Executor):
             # Batch > 1: per-token Top-K (each token keeps its own K entries).  The union of
             # kept rows over several tokens is most rows, so one masked GEMM is cheaper.
             idx = topk_indices(x, k)
-            out = torch.zeros_like(x).scatter_(1, idx, x.gather(1, idx)) @ w.weight_t
+            out = torch.zeros_like(x).scatter_(1, idx, x.gather(1, idx)) @ dense(w.weight_t, x.dtype)
         return out if w.bias is None else out + w.bias
 
     def lowrank_scores(self, x, p: PredictorWeights):
         return torch.addmm(p.bias, x @ p.a, p.b) if x.dim() == 2 else (x @ p.a) @ p.b + p.bias
 
 
-def weighted_row_sum(weight: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+def weighted_row_sum(weight, idx: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """``coef [B, n] @ weight[idx]`` -> ``[B, d]``, reading each selected row once, in place."""
     bsz, n = coef.shape
     if n == 0:
         return coef.new_zeros(bsz, weight.shape[1])
+    if isinstance(weight, QuantRows):
+        return coef @ weight.rows(idx, coef.dtype)
     return F.embedding_bag(idx.expand(bsz, n), weight, per_sample_weights=coef.to(weight.dtype), mode="sum")

@@ -54,12 +54,13 @@ class LLM:
         return ids
 
 
-def load(path, backend: str = "auto", dtype=None, artifacts=None) -> LLM:
-    """Load a HF checkpoint dir, a ``.gguf`` file or ``"tiny"`` onto ``backend``.
+def load(path, backend: str = "auto", dtype=None, artifacts=None, weights: str | None = None) -> LLM:
+    """Load a HF checkpoint dir, a ``.gguf`` file or ``"tiny"`` onto ``backend``; ``weights``
+    ``q8_0`` / ``q4_0`` quantises the weight matrices at load (see ``loader.load_model``).
 
     With ``artifacts`` (a dir written by ``calibrate``) the FFNs decode in predictor mode;
     a ReGLU model without artifacts decodes in exact-sparse mode; others decode densely."""
-    model, tok, config, p = load_model(path, backend=backend, dtype=dtype)
+    model, tok, config, p = load_model(path, backend=backend, dtype=dtype, weights=weights)
     arts = None
     if artifacts is not None:
         from .sparsity import attach_artifacts

@@ -126,11 +126,25 @@ def build_model(config, sd: dict, ex: Executor, dtype, family: Family | None = N
     head = embed if spec.tied or names.lm_head not in sd else ex.place(w(names.lm_head))
     cos, sin = rope_tables(config, spec, family, dtype)
     return DecoderModel(spec=spec, ex=ex, embed=embed, layers=layers, norm=ex.place(w(names.norm)),
-                        lm_head=ex.prepare_linear(head), cos=ex.place(cos), sin=ex.place(sin))
+                        lm_head=ex.prepare_linear(head, fmt=HEAD_FORMAT.get(ex.weight_format)),
+                        cos=ex.place(cos), sin=ex.place(sin))
 
 
-def load_model(path, backend: str = "auto", dtype=None):
-    """Returns ``(model, tokenizer, config, resolved_path)``."""
+QUANT_WEIGHTS = ("q8_0", "q4_0")
+# Where the weights are 4-bit, the lm_head stays 8-bit: it decides every sampled token and is
+# one matrix (llama.cpp keeps it at 6 bits in its Q4_0 files for the same reason).
+HEAD_FORMAT = {"q8_0": "q8_0", "q4_0": "q8_0"}
+
+
+def load_model(path, backend: str = "auto", dtype=None, weights: str | None = None):
+    """Returns ``(model, tokenizer, config, resolved_path)``.  ``weights``: None keeps the
+    matrices in ``dtype``; ``q8_0`` / ``q4_0`` quantises them at load, tensor by tensor
+    (activations, norms and embeddings stay in ``dtype``)."""
+    if weights in ("fp32", "bf16", "fp16"):
+        dtype, weights = dtype or weights, None
+    if weights is not None and weights not in QUANT_WEIGHTS:
+        raise InvalidOptionError(f"unknown weight format {weights!r}; choose one of fp32, bf16, fp16, "
+                                 f"{', '.join(QUANT_WEIGHTS)}")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise InvalidOptionError(f"unknown dtype {dtype!r}; choose one of fp32, bf16, fp16")
@@ -138,6 +152,7 @@ def load_model(path, backend: str = "auto", dtype=None):
     dtype = dtype or torch.float32
     p = resolve_model_path(path)
     ex = get_executor(backend)
+    ex.weight_format = weights
     config = load_config(p)
     spec_from_config(config)   # refuse an unsupported config before reading weights
     tok = load_tokenizer(p)

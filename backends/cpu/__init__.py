@@ -6,7 +6,7 @@ import mmap
 
 import torch
 
-from ..formats import int8_rows
+from ..formats import QuantRows, int8_rows
 from ..interface import FFNWeights, LinearWeights, PredictorWeights, TopKWeights, activate
 from ..reference import TorchExecutor
 from . import native
@@ -35,14 +35,23 @@ class CpuExecutor(TorchExecutor):
         # calibration left on per-row int8 grids are also kept as int8 rows for the native
         # kernel (half the predictor's bytes per token; the torch ops use the float copies,
         # which hold the same values).
+        # With block-quantised weights the kernels take fp32 activations, so factors that are
+        # off their grid are kept as fp32 rows for them too (converted once, here).
         p = PredictorWeights(self.place(a.t()).t(), self.place(b.t()).t(), self.place(bias))
         qa, qb = int8_rows(p.a.t()), int8_rows(p.b.t())   # each may be off its grid (rotated A)
+        pack = lambda rows: (None, None) if rows is None else (self.place(rows.q), rows.s)  # noqa: E731
         if qa is not None or qb is not None:
-            pack = lambda rows: (None, None) if rows is None else (self.place(rows.q), rows.s)  # noqa: E731
             p.packed = (*pack(qa), *pack(qb))
+        if self.weight_format in ("q8_0", "q4_0"):
+            f32 = lambda m, q: None if q is not None else self.place(m.float())  # noqa: E731
+            p.packed = (*pack(qa), *pack(qb), f32(p.a.t(), qa), f32(p.b.t(), qb), p.bias.float().contiguous())
         return p
 
     def linear(self, x, w: LinearWeights):
+        if isinstance(w.weight, QuantRows):
+            if x.numel() == x.shape[-1] and native.supports_quant(w.weight):
+                return native.q_gemv(w.weight, x.reshape(-1), w.bias).to(x.dtype).view(*x.shape[:-1], -1)
+            return super().linear(x, w)
         if x.numel() == x.shape[-1] and native.supports(w.weight):   # one token
             return native.gemv(w.weight, x.reshape(-1), w.bias).view(*x.shape[:-1], -1)
         return super().linear(x, w)
@@ -58,6 +67,11 @@ class CpuExecutor(TorchExecutor):
         return super().decode_attention(qkv, cos, sin, cache_k, cache_v, slot, first, n_heads)
 
     def ffn_dense(self, x, w: FFNWeights):
+        if isinstance(w.gate, QuantRows):
+            if x.dim() == 2 and x.shape[0] == 1 and native.supports_quant(w.gate, w.up, w.down_t):
+                h = activate(native.q_gemv(w.gate, x[0]), w.act) * native.q_gemv(w.up, x[0])
+                return native.q_weighted_rows(w.down_t, None, h).to(x.dtype).unsqueeze(0)
+            return super().ffn_dense(x, w)
         if x.dim() == 2 and x.shape[0] == 1 and native.supports(w.down_t):
             # One token: gate/up as native GEMVs, the down projection as one native pass over
             # down_t's rows (embedding_bag over all rows ran at ~8 GB/s inside decode).
@@ -66,15 +80,27 @@ class CpuExecutor(TorchExecutor):
         return super().ffn_dense(x, w)
 
     def reglu_sparse(self, x, w, p):
+        if isinstance(w.gate, QuantRows):
+            if x.shape[0] == 1 and native.supports_quant(w.gate, w.up, w.down_t) and (p is None or p.packed):
+                pk = (None,) * 7 if p is None else p.packed
+                out, n_cand, n_active = native.q_reglu_ffn(
+                    x[0], w.gate, w.up, w.down_t, pk[4], pk[5], pk[6], None if p is None else pk[:4])
+                return out.to(x.dtype).unsqueeze(0), n_cand, n_active
+            return super().reglu_sparse(x, w, p)
         if x.shape[0] == 1 and native.supports(w.gate, w.up, w.down_t, *(() if p is None else (p.a.t(), p.b.t()))):
             out, n_cand, n_active = native.reglu_ffn(
                 x[0], w.gate, w.up, w.down_t, *((None, None, None, None) if p is None else
-                                                (p.a.t(), p.b.t(), p.bias, p.packed)))
+                                                (p.a.t(), p.b.t(), p.bias, p.packed and p.packed[:4])))
             return out.unsqueeze(0), n_cand, n_active
         return super().reglu_sparse(x, w, p)
 
     def topk_linear(self, x, w: TopKWeights, k=None):
         k = w.k if k is None else k
+        if isinstance(w.weight_t, QuantRows):
+            if x.shape[0] == 1 and k < w.weight_t.shape[0] and native.supports_quant(w.weight_t):
+                out = native.q_topk_linear(w.weight_t, x[0], k).to(x.dtype).unsqueeze(0)
+                return out if w.bias is None else out + w.bias
+            return super().topk_linear(x, w, k)
         if x.shape[0] == 1 and k < w.weight_t.shape[0] and native.supports(w.weight_t):
             out = native.topk_linear(w.weight_t, x[0], k).unsqueeze(0)
             return out if w.bias is None else out + w.bias

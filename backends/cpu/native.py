@@ -23,6 +23,9 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "sparse_rows.c", CSRC / "decode_ops.c"]
 _state: dict = {}
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
+# Block-quantised rows (formats.QuantRows): fp32 activations in and out, see quant_rows.h.
+_QUANT = {"q8_0": "q8", "q4_0": "q4"}
+_QUANT_OPS = ("es_reglu_ffn", "es_weighted_rows", "es_gemv", "es_topk_linear")
 _P, _I = ctypes.c_void_p, ctypes.c_int
 # Declared argument types: ctypes then takes data_ptr() ints and None (NULL) as they are.
 _SIGNATURES = {
@@ -65,7 +68,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     except OSError as e:
         return None, f"native library not loadable: {e}"
     for name, argtypes in _SIGNATURES.items():
-        for suffix in _SUFFIX.values():
+        for suffix in (*_SUFFIX.values(), *(_QUANT.values() if name in _QUANT_OPS else ())):
             fn = getattr(lib, f"{name}_{suffix}")
             fn.argtypes, fn.restype = argtypes, None
     return lib, f"native kernels ({out.name})"
@@ -181,3 +184,70 @@ def decode_attention(qkv: torch.Tensor, cos, sin, cache_k, cache_v, slot: int, f
                                         cache_v.data_ptr(), n_heads, n_kv, hd, max_len, slot, first,
                                         torch.get_num_threads(), out.data_ptr())
     return out
+
+
+# -- block-quantised weights (QuantRows): activations go in and come out as fp32 ---------------
+def supports_quant(*weights) -> bool:
+    """True when every weight is a QuantRows on the cpu, contiguous, of one format."""
+    if lib() is None:
+        return False
+    fmt = weights[0].fmt
+    return fmt in _QUANT and all(w.fmt == fmt and w.data.is_cpu and w.data.is_contiguous() for w in weights)
+
+
+def _qfn(name: str, w):
+    fns = _state.setdefault("fns", {})
+    key = (name, w.fmt)
+    if key not in fns:
+        fns[key] = getattr(lib(), f"{name}_{_QUANT[w.fmt]}")
+    return fns[key]
+
+
+def _f32(x: torch.Tensor | None):
+    return None if x is None else x.to(torch.float32).contiguous()
+
+
+def q_gemv(w, x: torch.Tensor, bias=None) -> torch.Tensor:
+    """``w [n, d] @ x [d] (+ bias)`` for a QuantRows ``w``; fp32 ``[n]``."""
+    x, bias = _f32(x), _f32(bias)
+    n, d = w.shape
+    out = torch.empty(n, dtype=torch.float32)
+    _qfn("es_gemv", w)(w.data.data_ptr(), x.data_ptr(), _ptr(bias), n, d, torch.get_num_threads(), out.data_ptr())
+    return out
+
+
+def q_weighted_rows(w, idx: torch.Tensor | None, coef: torch.Tensor) -> torch.Tensor:
+    """``coef [n] @ w[idx]`` (idx None: all rows) for a QuantRows ``w``; fp32 ``[d_out]``."""
+    idx = None if idx is None else idx.to(torch.int64).contiguous()
+    coef = _f32(coef)
+    out = torch.empty(w.cols, dtype=torch.float32)
+    _qfn("es_weighted_rows", w)(w.data.data_ptr(), _ptr(idx), coef.data_ptr(), coef.numel(), w.cols,
+                                torch.get_num_threads(), out.data_ptr())
+    return out
+
+
+def q_topk_linear(w_t, x: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-K linear of one token (see ``topk_linear``) for a QuantRows ``w_t``; fp32 ``[d_out]``."""
+    x = _f32(x)
+    out = torch.empty(w_t.cols, dtype=torch.float32)
+    _qfn("es_topk_linear", w_t)(w_t.data.data_ptr(), x.data_ptr(), w_t.shape[0], w_t.cols, int(k),
+                                torch.get_num_threads(), out.data_ptr())
+    return out
+
+
+def q_reglu_ffn(x: torch.Tensor, gate, up, down_t, a_t=None, b_t=None, bias=None, packed=None):
+    """``reglu_ffn`` for QuantRows gate/up/down_t: ``(out fp32 [d], candidates, active)``."""
+    f, d = gate.shape
+    x, a_t, b_t, bias = _f32(x), _f32(a_t), _f32(b_t), _f32(bias)
+    qa, sa, qb, sb = packed or (None,) * 4
+    if qa is not None:
+        a_t = None
+    if qb is not None:
+        b_t = None
+    r = qa.shape[0] if qa is not None else (0 if a_t is None else a_t.shape[0])
+    out = torch.empty(d, dtype=torch.float32)
+    counts = (ctypes.c_int64 * 2)()
+    _qfn("es_reglu_ffn", gate)(x.data_ptr(), _ptr(a_t), _ptr(b_t), _ptr(qa), _ptr(sa), _ptr(qb), _ptr(sb),
+                               _ptr(bias), gate.data.data_ptr(), up.data.data_ptr(), down_t.data.data_ptr(),
+                               d, r, f, torch.get_num_threads(), out.data_ptr(), counts)
+    return out, counts[0], counts[1]

@@ -10,6 +10,7 @@ import functools
 import torch
 
 from ..reference import TorchExecutor
+from ..formats import QuantRows
 from ..interface import FFNWeights, PredictorWeights, TopKWeights, topk_indices
 
 
@@ -49,26 +50,31 @@ class CudaExecutor(TorchExecutor):
             torch.cuda.synchronize(self.device)
 
     # -- sparse ops as Triton kernels (fall back to the torch versions without Triton) -------
+    # Block-quantised weights (QuantRows) take the reference's de-quantise-on-gather ops: the
+    # Triton kernels read float rows only (Triton q8_0/q4_0 kernels are not written yet).
+    def _triton(self, w) -> bool:
+        return self.kernels is not None and not isinstance(w, QuantRows)
+
     def gate_rows(self, x, w: FFNWeights, idx):
-        if self.kernels is None:
+        if not self._triton(w.gate):
             return super().gate_rows(x, w, idx)
         return self.kernels.gate_up_act(x, w.gate, None, idx).to(x.dtype)
 
     def up_down_rows(self, x, h, w: FFNWeights, idx):
-        if self.kernels is None:
+        if not self._triton(w.gate):
             return super().up_down_rows(x, h, w, idx)
         u = self.kernels.gate_up_act(x, w.up, None, idx)
         return self.kernels.rows_matvec(h.float() * u, w.down_t, idx).to(x.dtype)
 
     def ffn_active(self, x, w: FFNWeights, idx):
-        if self.kernels is None:
+        if not self._triton(w.gate):
             return super().ffn_active(x, w, idx)
         h = self.kernels.gate_up_act(x, w.gate, w.up, idx, w.act)
         return self.kernels.rows_matvec(h, w.down_t, idx).to(x.dtype)
 
     def topk_linear(self, x, w: TopKWeights, k=None):
         k = w.k if k is None else k
-        if self.kernels is None or k >= w.weight_t.shape[0] or x.shape[0] > 8:
+        if not self._triton(w.weight_t) or k >= w.weight_t.shape[0] or x.shape[0] > 8:
             return super().topk_linear(x, w, k)
         sel = topk_indices(x, k)
         if x.shape[0] == 1:
@@ -82,7 +88,7 @@ class CudaExecutor(TorchExecutor):
         return out if w.bias is None else out + w.bias
 
     def reglu_sparse(self, x, w: FFNWeights, p: PredictorWeights | None):
-        if self.kernels is None or x.shape[0] != 1:
+        if not self._triton(w.gate) or x.shape[0] != 1:
             return super().reglu_sparse(x, w, p)
         t = None if p is None else (x @ p.a)[0]
         out, n_cand, n_active = self.kernels.reglu_ffn(x, w.gate, w.up, w.down_t, t,

@@ -16,6 +16,8 @@ def _add_model_opts(p, artifacts=True):
     p.add_argument("model", help="HF checkpoint dir, .gguf file, or 'tiny' (the embedded model)")
     p.add_argument("--backend", default="auto", choices=choices())
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--weights", default=None, choices=["q8_0", "q4_0"],
+                   help="quantise the weight matrices at load (default: keep --dtype)")
     if artifacts:
         p.add_argument("--artifacts", default=None, help="calibration artifact dir (from `calibrate`)")
 
@@ -99,7 +101,7 @@ def cmd_generate(args):
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
               top_k=args.top_k, seed=args.seed)
     SamplingParams(**kw).validate()  # fail on bad options before the (slow) load
-    llm = load(args.model, backend=args.backend, dtype=args.dtype, artifacts=args.artifacts)
+    llm = load(args.model, backend=args.backend, dtype=args.dtype, artifacts=args.artifacts, weights=args.weights)
     if args.ffn_mode:
         llm.set_ffn_mode(args.ffn_mode)
     if args.stream:
@@ -185,6 +187,7 @@ def _add_more_commands(sub):
     p.add_argument("--shape", default="4096x11008")
     p.add_argument("--sparsity", type=_fraction, default=0.9)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--weights", choices=["q8_0", "q4_0"], default=None, help="block-quantised weights")
     p.add_argument("--backend", default="cpu")
     p.add_argument("--rank", type=_positive_int, default=None)
     p.add_argument("--repeats", type=_positive_int, default=15)
@@ -194,6 +197,7 @@ def _add_more_commands(sub):
     p.add_argument("--synthetic", default=None, help="tinyllama-1.1b")
     p.add_argument("--backend", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--weights", choices=["q8_0", "q4_0"], default=None, help="block-quantised weights")
     p.add_argument("--new-tokens", type=_positive_int, default=32)
     p.add_argument("--rounds", type=_positive_int, default=3)
     p.add_argument("--rotation", choices=["shared", "per-site", "global"], default="global")
@@ -225,7 +229,7 @@ def _add_more_commands(sub):
 
 def cmd_calibrate(args):
     from ..sparsity.calibrate import DEFAULT_TOKENS, calibrate
-    rep = calibrate(args.model, args.output, data=args.data, backend=args.backend, dtype=args.dtype,
+    rep = calibrate(args.model, args.output, data=args.data, backend=args.backend, dtype=args.dtype, weights=args.weights,
                     tokens=args.tokens or DEFAULT_TOKENS, rank=args.rank, target_sparsity=args.target_sparsity,
                     target_recall=args.target_recall, attn_sparsity=args.attn_sparsity,
                     mlp_sparsity=args.mlp_sparsity, topk_method=args.topk_method, rotation=args.rotation,
@@ -245,7 +249,7 @@ def cmd_calibrate(args):
 def cmd_eval(args):
     from ..api import load
     from ..eval.perplexity import eval_ppl
-    llm = load(args.model, backend=args.backend, dtype=args.dtype, artifacts=args.artifacts)
+    llm = load(args.model, backend=args.backend, dtype=args.dtype, artifacts=args.artifacts, weights=args.weights)
     if args.what == "zeroshot":
         return _zeroshot(llm, args)
     out = eval_ppl(llm, args.data, window=args.window, max_tokens=args.max_tokens, sparse_mode=args.ffn_mode,
@@ -261,7 +265,7 @@ def cmd_chat(args):
     from .chat import chat_loop
     from ..sampling import SamplingParams
     SamplingParams(temperature=args.temperature, top_p=args.top_p).validate()
-    llm = load(args.model, backend=args.backend, dtype=args.dtype, artifacts=args.artifacts)
+    llm = load(args.model, backend=args.backend, dtype=args.dtype, artifacts=args.artifacts, weights=args.weights)
     llm.chat_prompt([{"role": "user", "content": "hi"}])  # fail early without a chat template
     chat_loop(llm, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
               seed=args.seed, system=args.system)
@@ -276,7 +280,7 @@ def cmd_serve(args):
     opts = ServeOptions(host=args.host, port=args.port, api_key=key,
                         allowed_hosts=args.allowed_host, cors_origins=args.cors_origin, max_body_mb=args.max_body_mb,
                         max_queue=args.max_queue, stall_timeout_s=args.stall_timeout).validate()
-    llm = load(args.model, backend=args.backend, dtype=args.dtype, artifacts=args.artifacts)
+    llm = load(args.model, backend=args.backend, dtype=args.dtype, artifacts=args.artifacts, weights=args.weights)
     print(f"edgesparse: serving {llm.name} ({llm.backend}, ffn mode {llm.model.ffn_mode}) "
           f"at http://{args.host}:{args.port}/v1", flush=True)
     if not opts.loopback and opts.api_key is None:
@@ -302,11 +306,11 @@ def _zeroshot(llm, args):
 def cmd_bench(args):
     if args.what == "ffn":
         from ..benchmarks.ffn import bench_ffn
-        out = bench_ffn(args.shape, args.sparsity, args.dtype, args.backend, args.rank, args.repeats)
+        out = bench_ffn(args.shape, args.sparsity, args.dtype, args.backend, args.rank, args.repeats, weights=args.weights)
     else:
         from ..benchmarks.decode import bench_decode
         out = bench_decode(args.model, args.synthetic, args.backend, args.dtype, new_tokens=args.new_tokens,
-                           rounds=args.rounds, rotation=args.rotation)
+                           rounds=args.rounds, rotation=args.rotation, weights=args.weights)
     print(json.dumps(out) if args.json else json.dumps(out, indent=1))
 
 

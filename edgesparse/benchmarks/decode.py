@@ -21,7 +21,7 @@ SYNTHETIC = {"tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, nu
                                     max_position_embeddings=2048)}
 
 
-def synthetic_model(name: str, backend: str, dtype):
+def synthetic_model(name: str, backend: str, dtype, weights: str | None = None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from edgesparse.backends import get_executor
@@ -33,7 +33,9 @@ def synthetic_model(name: str, backend: str, dtype):
     torch.manual_seed(0)
     hf = LlamaForCausalLM(cfg).to(dtype).eval()
     sd = hf.state_dict()
-    model = build_model(cfg, sd, get_executor(backend), dtype)
+    ex = get_executor(backend)
+    ex.weight_format = weights
+    model = build_model(cfg, sd, ex, dtype)
     return hf, model, cfg
 
 
@@ -52,7 +54,8 @@ def _engine_tok_s(engine, ids, n):
 
 
 def bench_decode(model_path=None, synthetic=None, backend="cpu", dtype="bf16", prompt_tokens=32,
-                 new_tokens=32, rounds=3, ffn_gate_sparsity=0.86, attn_sparsity=0.4, rotation="global") -> dict:
+                 new_tokens=32, rounds=3, ffn_gate_sparsity=0.86, attn_sparsity=0.4, rotation="global",
+                 weights: str | None = None, hf_baseline: bool = True) -> dict:
     from ..sparsity import apply_topk, attach_artifacts
     from ..sparsity.calibrate import calibrate_model
     from ..engine import Engine
@@ -62,11 +65,11 @@ def bench_decode(model_path=None, synthetic=None, backend="cpu", dtype="bf16", p
     tdtype = DTYPES[dtype]
     t0 = time.time()
     if synthetic:
-        hf, model, cfg = synthetic_model(synthetic, backend, tdtype)
+        hf, model, cfg = synthetic_model(synthetic, backend, tdtype, weights)
         tok = _RandomTokenizer(cfg.vocab_size)
     else:
         from transformers import AutoModelForCausalLM
-        model, tok, cfg, p = load_model(model_path, backend=backend, dtype=tdtype)
+        model, tok, cfg, p = load_model(model_path, backend=backend, dtype=tdtype, weights=weights)
         hf = AutoModelForCausalLM.from_pretrained(p, dtype=tdtype).eval()
     if not model.spec.is_reglu:
         raise InvalidOptionError("bench decode measures FFN predictors: it needs a ReGLU model")
@@ -88,7 +91,8 @@ def bench_decode(model_path=None, synthetic=None, backend="cpu", dtype="bf16", p
         res = {k: [] for k in ("hf", "dense", "ffn_sparse")}
         with torch.inference_mode():
             for _ in progress(range(rounds), desc="decode rounds"):
-                res["hf"].append(_hf_tok_s(hf, torch.tensor([ids]), new_tokens))
+                if hf_baseline:
+                    res["hf"].append(_hf_tok_s(hf, torch.tensor([ids]), new_tokens))
                 model.set_ffn_mode("dense")
                 res["dense"].append(_engine_tok_s(engine, ids, new_tokens))
                 model.set_ffn_mode("predictor")
@@ -97,20 +101,24 @@ def bench_decode(model_path=None, synthetic=None, backend="cpu", dtype="bf16", p
             ffn_stats = model.stats.summary()
             apply_topk(model, arts)
             res["full_sparse"] = [_engine_tok_s(engine, ids, new_tokens) for _ in range(rounds)]
-    med = {k: statistics.median(v) for k, v in res.items()}
+    med = {k: statistics.median(v) for k, v in res.items() if v}
+    from .ffn import read_bandwidth_gbs
+    bw = read_bandwidth_gbs(model.ex, 1024)
     arts_topk = arts.manifest["topk"]
     ks = arts_topk["k"]
     spec = model.spec
     nq, nkv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
     attn_sp = 1 - (ks["qkv"] * (nq + 2 * nkv) + ks["o"] * spec.hidden) / (spec.hidden * (nq + 2 * nkv) + nq * spec.hidden)
-    return dict(model=synthetic or str(model_path), backend=model.ex.name, dtype=dtype, threads=torch.get_num_threads(),
+    hf = med.get("hf")
+    return dict(model=synthetic or str(model_path), backend=model.ex.name, dtype=dtype, weights=weights or dtype,
+                threads=torch.get_num_threads(), bandwidth_gbs=round(bw, 2),
                 prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds,
-                hf_tok_s=round(med["hf"], 3), dense_tok_s=round(med["dense"], 3),
+                hf_tok_s=hf and round(hf, 3), dense_tok_s=round(med["dense"], 3),
                 ffn_sparse_tok_s=round(med["ffn_sparse"], 3), full_sparse_tok_s=round(med["full_sparse"], 3),
                 speedup_vs_dense=round(med["full_sparse"] / med["dense"], 3),
-                speedup_vs_hf=round(med["full_sparse"] / med["hf"], 3),
+                speedup_vs_hf=hf and round(med["full_sparse"] / hf, 3),
                 ffn_speedup_vs_dense=round(med["ffn_sparse"] / med["dense"], 3),
-                dense_vs_hf=round(med["dense"] / med["hf"], 3),
+                dense_vs_hf=hf and round(med["dense"] / hf, 3),
                 ffn_sparsity=round(ffn_stats["ffn_sparsity"], 4), gate_sparsity=round(ffn_stats["gate_sparsity"], 4),
                 attn_sparsity=round(attn_sp, 4), topk=arts_topk, setup_s=setup_s, calibrate_s=calibrate_s,
                 note=("synthetic random weights: thresholds set the sparsity (no natural sparsity)"

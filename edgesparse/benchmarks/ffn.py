@@ -13,6 +13,8 @@ import time
 import torch
 
 from edgesparse.backends import get_executor
+from edgesparse.backends.formats import BLOCK, BLOCK_BYTES, QuantRows
+from edgesparse.backends.interface import FFNWeights
 from edgesparse.predictors.int8 import snap_factors
 from ..errors import InvalidOptionError
 from ..models.weights import ReGLUMLP
@@ -72,12 +74,15 @@ def synthetic_layer(ex, d, f, sparsity, dtype, rank, false_pos=0.1, seed=0, int8
     a, b = torch.randn(d, rank, generator=g) / d**0.5, torch.randn(rank, f, generator=g) / rank**0.5
     if int8_predictor:   # factors on per-row int8 grids, as `calibrate` leaves them by default
         a, b = snap_factors(a, b)
+    ffn = ex.prepare_ffn(gate.to(dtype), up.to(dtype), down.to(dtype), "relu")
+    if isinstance(ffn.gate, QuantRows):   # rounding may flip gates near 0: take the stored ones
+        active = (x[0] @ ffn.gate.rows().T) > 0
+        n_active = int(active.sum())
     cand = active.clone()
     extra = (~active).nonzero().flatten()
     cand[extra[torch.randperm(extra.numel(), generator=g)[:round(false_pos * n_active)]]] = True
     scores = (x @ a @ b)[0]
     bias = -scores + torch.where(cand, 1.0, -1.0)
-    ffn = ex.prepare_ffn(gate.to(dtype), up.to(dtype), down.to(dtype), "relu")
     norm = torch.ones(d, dtype=dtype)   # the benchmark feeds the FFN directly: no norm
     layer = ReGLUMLP(norm, ffn, ex.prepare_linear(ffn.gate), ex.prepare_predictor(a.to(dtype), b.to(dtype), bias.to(dtype)))
     return layer, ex.place(x.to(dtype)).view(1, 1, d), int(cand.sum()), n_active
@@ -86,20 +91,27 @@ def synthetic_layer(ex, d, f, sparsity, dtype, rank, false_pos=0.1, seed=0, int8
 def _copy_layer(ex, layer):
     # Through the executor, so each copy gets the same memory treatment as loaded weights.
     f, p = layer.ffn, layer.predictor
-    ffn = ex.prepare_ffn(f.gate.clone(), f.up.clone(), f.down_t.t().clone(), f.act)
+    def copy(m):
+        if isinstance(m, QuantRows):
+            return QuantRows(m.fmt, ex.place(m.data.clone()), m.cols)
+        return ex.place(m.clone())
+    ffn = FFNWeights(copy(f.gate), copy(f.up), copy(f.down_t), f.act)
     return ReGLUMLP(layer.norm, ffn, ex.prepare_linear(ffn.gate), ex.prepare_predictor(p.a.clone(), p.b.clone(), p.bias.clone()))
 
 
 def bench_ffn(shape="4096x11008", sparsity=0.9, dtype="fp32", backend="cpu", rank=None, repeats=15,
               false_pos=0.1, executor=None, bandwidth_mib: int = 1024, copies: int = 4,
-              int8_predictor: bool = True) -> dict:
+              int8_predictor: bool = True, weights: str | None = None) -> dict:
     d, f = parse_shape(shape)
     if not 0 <= sparsity < 1:
         raise InvalidOptionError(f"--sparsity must be in [0, 1), got {sparsity}")
     if dtype not in DTYPES:
         raise InvalidOptionError(f"--dtype must be fp32 or bf16, got {dtype}")
     tdtype = DTYPES[dtype]
+    if weights not in (None, *BLOCK_BYTES):
+        raise InvalidOptionError(f"--weights must be one of {', '.join(BLOCK_BYTES)}, got {weights}")
     ex = executor or get_executor(backend)
+    ex.weight_format = weights
     rank = rank or max(32, d // 8)
     layer, x, n_cand, n_active = synthetic_layer(ex, d, f, sparsity, tdtype, rank, false_pos,
                                                  int8_predictor=int8_predictor)
@@ -134,12 +146,13 @@ def bench_ffn(shape="4096x11008", sparsity=0.9, dtype="fp32", backend="cpu", ran
     a_i8, b_i8 = pk[0] is not None, pk[2] is not None
     packed = a_i8 and b_i8
     predictor_bytes = rank * d * (1 if a_i8 else esize) + rank * f * (1 if b_i8 else esize) + 4 * (rank * a_i8 + f * b_i8)
-    touched = predictor_bytes + esize * (f + n_cand * d + 2 * n_active * d)
+    row_bytes = esize * d if weights is None else d // BLOCK * BLOCK_BYTES[weights]
+    touched = predictor_bytes + esize * f + row_bytes * (n_cand + 2 * n_active)
     bw = read_bandwidth_gbs(ex, bandwidth_mib)
     peak = peak_gbs(ex)
     floor_ms = touched / (bw * 1e9) * 1e3
-    dense_bytes = esize * 3 * d * f
-    return dict(shape=f"{d}x{f}", dtype=dtype, backend=ex.name, sparsity=sparsity, rank=rank, layer_copies=copies,
+    dense_bytes = 3 * f * row_bytes
+    return dict(shape=f"{d}x{f}", dtype=dtype, weights=weights or dtype, backend=ex.name, sparsity=sparsity, rank=rank, layer_copies=copies,
                 predictor="int8 rows" if packed else "float", predictor_bytes=predictor_bytes,
                 threads=torch.get_num_threads(), candidates=n_cand, active=n_active, repeats=repeats,
                 dense_ms=round(med["dense"], 4), sparse_ms=round(med["sparse"], 4), exact_ms=round(med["exact"], 4),

@@ -131,8 +131,8 @@ def calibrate_model(model, tokenizer, out, data=None, tokens: int = DEFAULT_TOKE
     return rep
 
 
-def calibrate(model, out, data=None, backend: str = "auto", dtype=None, **kw) -> dict:
+def calibrate(model, out, data=None, backend: str = "auto", dtype=None, weights=None, **kw) -> dict:
     """Python API: ``edgesparse.calibrate("tiny", "arts/")`` -> per-layer report dict."""
     from edgesparse.loader import load_model
-    m, tok, _, _ = load_model(model, backend=backend, dtype=dtype)
+    m, tok, _, _ = load_model(model, backend=backend, dtype=dtype, weights=weights)
     return calibrate_model(m, tok, out, data=data, **kw)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from edgesparse.backends.formats import dense
 from edgesparse.backends.interface import LinearWeights
 
 FFN_MODES = ("dense", "exact", "predictor", "topk")
@@ -114,7 +115,7 @@ def _masked_path(ex, x, mlp, mode, stats):
     else:
         cand = ex.lowrank_scores(x, mlp.predictor) > 0
     h = torch.relu(g) * cand
-    out = (h * ex.linear(x, LinearWeights(w.up))) @ w.down_t
+    out = (h * ex.linear(x, LinearWeights(w.up))) @ dense(w.down_t, h.dtype)
     stats.tokens += x.shape[0]
     stats.neurons += true_active.numel()
     stats.gate_rows += int(cand.sum())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from edgesparse.backends.formats import QuantRows
 from edgesparse.errors import ArtifactError
 from edgesparse.models.weights import Attention, Layer, ReGLUMLP, TopKAttention, TopKMLP
 from edgesparse.predictors.rotation import block_topk_sizes, pca_rotation
@@ -88,7 +89,10 @@ def _fold(w, gamma, q, dtype, chunk=8192):
     g = None if gamma is None else gamma.double()
     out = torch.empty(w.shape, dtype=dtype, device=w.device)
     for i in range(0, w.shape[0], chunk):
-        blk = w[i:i + chunk].double()
+        if isinstance(w, QuantRows):   # folded from the stored (de-quantised) values, re-quantised later
+            blk = w.rows(torch.arange(i, min(i + chunk, w.shape[0])), torch.float64)
+        else:
+            blk = w[i:i + chunk].double()
         out[i:i + chunk] = ((blk if g is None else blk * g) @ q).to(dtype)
     return out
 
@@ -159,7 +163,9 @@ def install_topk(model, ks: dict, rot_attn=None, rot_mlp=None, scaled: bool = Fa
             # W_head·diag(γ)·Q_last with the final norm's weight set to 1 (RMSNorm commutes with
             # an orthogonal Q), which saves two d×d GEMVs per token.
             model.embed = ex.place(_fold(model.embed, None, q_in, dt))
-            model.lm_head = ex.prepare_linear(_fold(model.lm_head.weight, model.norm, q_out, dt), model.lm_head.bias)
+            head = model.lm_head.weight
+            model.lm_head = ex.prepare_linear(_fold(head, model.norm, q_out, dt), model.lm_head.bias,
+                                              fmt=head.fmt if isinstance(head, QuantRows) else None)
             model.norm = torch.ones_like(model.norm)
         else:   # tied: one matrix cannot absorb both, so rotate the stream at run time
             model.in_rotation = ex.prepare_linear(q_in.T.to(dt))      # x · Q_first

@@ -2,6 +2,8 @@
 import torch
 import torch.nn.functional as F
 
+from edgesparse.backends.formats import quantizable, quantize_rows
+
 
 def reference_ffn(x, gate, up, down, act, idx=None):
     g = x @ gate.T
@@ -21,10 +23,18 @@ def reference_topk(x, w, b, k):
     return out if b is None else out + b
 
 
-def check_contract(ex, tol=1e-4, dtype=torch.float32):
-    """Run every executor operation on odd shapes and active sets of size 0, 1, some, all."""
+def check_contract(ex, tol=1e-4, dtype=torch.float32, fmt=None):
+    """Run every executor operation on odd shapes and active sets of size 0, 1, some, all.
+
+    ``fmt`` (q8_0 / q4_0): the executor quantises its weights; the references then use the
+    same matrices snapped onto that format's grid along the rows the executor stores (shapes
+    whose rows are not whole blocks stay float, which is tested too)."""
     gen = torch.Generator().manual_seed(0)
     dev = ex.device
+    ex.weight_format = fmt
+
+    def snap(m):   # m's rows onto the format's grid (quantising them again is exact)
+        return quantize_rows(m, fmt).rows(dtype=m.dtype) if quantizable(m, fmt) else m
 
     def rnd(*s):
         return torch.randn(*s, generator=gen).to(dtype)
@@ -35,12 +45,12 @@ def check_contract(ex, tol=1e-4, dtype=torch.float32):
         scale = max(b.float().abs().max().item(), 1.0) if b.numel() else 1.0
         assert err <= tol * scale, f"{ex.name}: {what}: max error {err:.3g}"
 
-    for d, dff, batch in [(33, 71, 1), (64, 128, 1), (17, 50, 3), (48, 96, 8)]:
+    for d, dff, batch in [(33, 71, 1), (64, 128, 1), (17, 50, 3), (48, 96, 8), (96, 64, 3)]:
         x = rnd(batch, d)
-        w, b = rnd(dff, d) / d**0.5, rnd(dff)
+        w, b = snap(rnd(dff, d) / d**0.5), rnd(dff)
         lw = ex.prepare_linear(w, b)
         close(ex.linear(x.to(dev), lw), x @ w.T + b, "linear")
-        gate, up, down = rnd(dff, d) / d**0.5, rnd(dff, d) / d**0.5, rnd(d, dff) / dff**0.5
+        gate, up, down = snap(rnd(dff, d) / d**0.5), snap(rnd(dff, d) / d**0.5), snap(rnd(dff, d) / dff**0.5).T
         for act in ("relu", "silu"):
             fw = ex.prepare_ffn(gate, up, down, act)
             close(ex.ffn_dense(x.to(dev), fw), reference_ffn(x, gate, up, down, act), f"ffn_dense {act}")
@@ -50,14 +60,15 @@ def check_contract(ex, tol=1e-4, dtype=torch.float32):
                 close(out, reference_ffn(x, gate, up, down, act, idx), f"ffn_active n={n} {act}")
                 g = ex.gate_rows(x.to(dev), fw, idx.to(dev))
                 close(g, (x @ gate.T)[:, idx], f"gate_rows n={n}")
+        wt = snap(w.T.contiguous()).T     # Top-K stores Wᵀ: its rows are W's columns
         for k in (1, d // 2, d - 1, d):
-            tw = ex.prepare_topk(w, b, k)
-            close(ex.topk_linear(x.to(dev), tw), reference_topk(x, w, b, k), f"topk_linear k={k}")
+            tw = ex.prepare_topk(wt, b, k)
+            close(ex.topk_linear(x.to(dev), tw), reference_topk(x, wt, b, k), f"topk_linear k={k}")
         for r in (1, 7):
             a_, b_, bias = rnd(d, r), rnd(r, dff), rnd(dff)
             pw = ex.prepare_predictor(a_, b_, bias)
             close(ex.lowrank_scores(x.to(dev), pw), x @ a_ @ b_ + bias, f"lowrank_scores r={r}")
-        check_reglu_sparse(ex, x, gate, up, down, rnd, close)
+        check_reglu_sparse(ex, x, gate, up, down, rnd, close, exact_counts=fmt is None)
         nw = rnd(d)
         for xs in (x, x[:1].view(1, 1, d)):   # batch rows, and one token (native on cpu)
             xf = xs.float()
@@ -105,7 +116,7 @@ def check_decode_attention(ex, rnd, close):
         close(v_dev, want_v, what + " cache v")
 
 
-def check_reglu_sparse(ex, x, gate, up, down, rnd, close):
+def check_reglu_sparse(ex, x, gate, up, down, rnd, close, exact_counts=True):
     """The fused ReGLU op in exact mode and with predictors admitting no, some and all neurons
     (the native cpu kernels serve batch 1, the composed default larger batches)."""
     dev, (dff, d) = ex.device, gate.shape
@@ -113,7 +124,10 @@ def check_reglu_sparse(ex, x, gate, up, down, rnd, close):
     g = x.float() @ gate.float().T
     out, n_cand, n_active = ex.reglu_sparse(x.to(dev), fw, None)
     close(out, reference_ffn(x, gate, up, down, "relu"), "reglu_sparse exact")
-    assert (n_cand, n_active) == (dff, int((g > 0).any(0).sum())), f"{ex.name}: exact counts"
+    # Quantised kernels round the activation to int8 for dots: gates within that rounding of 0
+    # may flip, so their active counts are checked to within a few neurons.
+    slack = 0 if exact_counts else max(2, dff // 20)
+    assert n_cand == dff and abs(n_active - int((g > 0).any(0).sum())) <= slack, f"{ex.name}: exact counts"
     a_, b_ = rnd(d, 5), rnd(5, dff)
     scores = x.float() @ a_.float() @ b_.float()
     for shift in (-1e4, 0.0, 1e4):   # no / some / all candidates
@@ -128,4 +142,4 @@ def check_reglu_sparse(ex, x, gate, up, down, rnd, close):
         ref = (h * (x.float() @ up.float().T)) @ down.float().T
         close(out, ref.to(x.dtype), f"reglu_sparse predictor shift={shift}")
         assert n_cand == int(cand.any(0).sum()), f"{ex.name}: candidates {n_cand}"
-        assert n_active == int(((g > 0) & cand).any(0).sum()), f"{ex.name}: active {n_active}"
+        assert abs(n_active - int(((g > 0) & cand).any(0).sum())) <= slack, f"{ex.name}: active {n_active}"

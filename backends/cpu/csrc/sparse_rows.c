@@ -383,3 +383,6 @@ static float kth_largest(float *a, int n, int k) {
 
 DEFINE_TOPK(bf16, uint16_t)
 DEFINE_TOPK(f32, float)
+
+/* Block-quantised weights (q8_0, q4_0): the same kernels over rows of 32-weight blocks. */
+#include "quant_rows.h"

@@ -1,0 +1,74 @@
+"""The cpu backend's native q8_0 / q4_0 kernels against the de-quantising torch reference:
+odd row counts, one-block rows, 0 / 1 / some / all rows selected."""
+import pytest
+import torch
+
+from edgesparse.backends.cpu import native
+from edgesparse.backends.formats import quantize_rows
+
+pytestmark = pytest.mark.skipif(native.lib() is None, reason=f"native kernels unavailable: {native.status()}")
+SHAPES = [(1, 32), (37, 96), (130, 256)]
+
+
+def _q(n, cols, fmt, seed=0):
+    return quantize_rows(torch.randn(n, cols, generator=torch.Generator().manual_seed(seed)), fmt)
+
+
+def _close(got, want, tol):
+    scale = max(want.abs().max().item(), 1.0)
+    assert (got - want).abs().max().item() <= tol * scale
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("n, d", SHAPES)
+def test_gemv(fmt, n, d):
+    w = _q(n, d, fmt)
+    x, bias = torch.randn(d), torch.randn(n)
+    # the dots round x to int8 blocks: ~1% of the result's scale
+    _close(native.q_gemv(w, x, bias), w.rows() @ x + bias, 2e-2)
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("n, d", SHAPES)
+def test_weighted_rows(fmt, n, d):
+    w = _q(n, d, fmt, 1)
+    g = torch.Generator().manual_seed(2)
+    for count in (0, 1, n // 2, n):
+        idx = torch.randperm(n, generator=g)[:count]
+        coef = torch.randn(count, generator=g)
+        want = coef @ w.rows(idx) if count else torch.zeros(d)
+        _close(native.q_weighted_rows(w, idx, coef), want, 1e-5)   # fp32 all the way: exact up to order
+    coef = torch.randn(n, generator=g)
+    _close(native.q_weighted_rows(w, None, coef), coef @ w.rows(), 1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_topk_linear(fmt):
+    d_in, d_out = 70, 64
+    w_t = _q(d_in, d_out, fmt, 3)
+    x = torch.randn(d_in, generator=torch.Generator().manual_seed(4))
+    for k in (1, 17, d_in - 1):
+        idx = x.abs().topk(k).indices
+        _close(native.q_topk_linear(w_t, x, k), x[idx] @ w_t.rows(idx), 1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_reglu_ffn_exact_and_predictor(fmt):
+    f, d, r = 150, 64, 8
+    g = torch.Generator().manual_seed(5)
+    gate, up, down_t = (_q(f, d, fmt, s) for s in (6, 7, 8))
+    x = torch.randn(d, generator=g)
+    gv = gate.rows() @ x
+    u = up.rows() @ x
+    out, n_cand, n_active = native.q_reglu_ffn(x, gate, up, down_t)
+    _close(out, (torch.relu(gv) * u) @ down_t.rows(), 3e-2)
+    assert n_cand == f and abs(n_active - int((gv > 0).sum())) <= 3
+    a_t, b_t = torch.randn(r, d, generator=g), torch.randn(f, r, generator=g)
+    scores = b_t @ (a_t @ x)
+    for keep in ("none", "some", "all"):
+        margin = {"none": -1e4, "all": 1e4}.get(keep)
+        bias = torch.full((f,), margin) if margin else torch.where(torch.arange(f) % 2 == 0, 1.0, -1.0) - scores
+        cand = scores + bias > 0
+        out, n_cand, n_active = native.q_reglu_ffn(x, gate, up, down_t, a_t, b_t, bias)
+        _close(out, (torch.relu(gv) * cand * u) @ down_t.rows(), 3e-2)
+        assert n_cand == int(cand.sum())
