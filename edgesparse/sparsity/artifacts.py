@@ -103,6 +103,11 @@ def load_artifacts(path) -> Artifacts:
 
 
 def check_fingerprint(arts: Artifacts, model, path) -> None:
+    fmt, have = arts.manifest.get("weights", "float"), model.ex.weight_format or "float"
+    if fmt != have:   # predictors are fitted to the weights that run: a format change voids them
+        fix = f"load the model with --weights {fmt}" if fmt != "float" else f"re-run calibrate with --weights {have}"
+        raise FingerprintMismatchError(f"artifacts in {path} were calibrated with {fmt} weights but the model "
+                                       f"has {have} weights: {fix}")
     want, got = arts.manifest.get("fingerprint", {}), model_fingerprint(model)
     if want.get("arch") != got["arch"]:
         diff = [k for k in got["arch"] if want.get("arch", {}).get(k) != got["arch"][k]]

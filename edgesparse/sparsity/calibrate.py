@@ -107,7 +107,7 @@ def calibrate_model(model, tokenizer, out, data=None, tokens: int = DEFAULT_TOKE
     if s.is_reglu:
         tensors, layers = svd_predictor.fit(model, col.gram_a, col.held, rank, target_sparsity, target_recall,
                                             int8_predictor)
-    manifest = dict(fingerprint=model_fingerprint(model),
+    manifest = dict(fingerprint=model_fingerprint(model), weights=model.ex.weight_format or "float",
                     calibration=dict(files=data_summary, tokens=int(windows.numel()), window=windows.shape[1],
                                      svd_tokens=col.count_a, threshold_tokens=int(windows.numel()) - col.count_a,
                                      rank=rank if s.is_reglu else None, target_sparsity=target_sparsity,

@@ -12,6 +12,10 @@
  * to int8 blocks first, see below.  The reference is "de-quantise the rows, then matmul";
  * the dots differ from it by the activation's int8 rounding (~0.4% of a block's max). */
 
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 static inline float f16_to_f32(uint16_t h) {
 #if defined(__F16C__)
     return _cvtsh_ss(h);
@@ -149,6 +153,44 @@ static inline float idot_q4(const uint8_t *restrict row, const QX *qx, int d, co
 #endif
 }
 
+/* An int8 row with one scale for the whole row (the predictor's factors, formats.int8_rows)
+ * against a quantised activation: the same integer dot as q8_0, without per-block scales. */
+static inline float idot_i8row(const int8_t *restrict row, const QX *qx, int d) {
+    int nb = d / QK;
+#if defined(DPBUSD)
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)(row + b * QK));
+        __m256i x = _mm256_loadu_si256((const __m256i *)(qx->q + b * QK));
+        __m256i dp = DPBUSD(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), _mm256_set1_ps(qx->s[b]), acc);
+    }
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
+#else
+    float acc = 0.f;
+    for (int b = 0; b < nb; b++) {
+        int s = 0;
+        for (int j = 0; j < QK; j++) s += (int)row[b * QK + j] * (int)qx->q[b * QK + j];
+        acc += qx->s[b] * (float)s;
+    }
+    return acc;
+#endif
+}
+
+/* out[i - lo] = scale[i] * (row i . x) for int8 rows lo..hi-1; integer dots when the rows are
+ * whole blocks, else the fp32 dots of sparse_rows.c. */
+static void seq_idots_i8(const int8_t *w, int64_t lo, int64_t hi, int d, const float *x, const QX *qx,
+                         const float *scale, float *out) {
+    if (d % QK) { seq_dots_i8(w, lo, hi, d, x, scale, out); return; }
+    int64_t lead = rows_ahead(d);
+    for (int64_t i = lo; i < hi; i++) {
+        if (i + lead < hi) prefetch_row(w + (i + lead) * d, d);
+        out[i - lo] = scale[i] * idot_i8row(w + i * d, qx, d);
+    }
+}
+
 static inline void axpy_q8(float a, const uint8_t *restrict row, float *restrict y, int d, const uint8_t *pf) {
     int nb = d / QK;
 #if defined(__AVX512F__)
@@ -208,6 +250,51 @@ static inline void axpy_q4(float a, const uint8_t *restrict row, float *restrict
 
 #define QROW(F, w, i, d) ((w) + (int64_t)(i) * ROWB_##F(d))
 
+/* y += sum_r a[r] * row_r for four rows at once: y's 32-float slice of a block is loaded and
+ * stored once per four rows instead of once per row (the stores, not the arithmetic, bound
+ * the one-row loop here).  Other targets: four one-row calls. */
+#if defined(__AVX512F__)
+static inline void deq_q8(const uint8_t *blk, __m512 *w0, __m512 *w1) {
+    *w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
+    *w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18))));
+}
+static inline void deq_q4(const uint8_t *blk, __m512 *w0, __m512 *w1) {
+    const __m128i m4 = _mm_set1_epi8(0x0f), eight = _mm_set1_epi8(8);
+    __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 2));
+    *w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_and_si128(raw, m4), eight)));
+    *w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), eight)));
+}
+#define DEFINE_AXPY4(F, BB)                                                                       \
+    static inline void axpy4_##F(const float *a, const uint8_t *const *rows, float *restrict y, int d, \
+                                 const uint8_t *const *pf) {                                     \
+        int nb = d / QK;                                                                          \
+        for (int b = 0; b < nb; b++) {                                                            \
+            __m512 y0 = _mm512_loadu_ps(y + b * QK), y1 = _mm512_loadu_ps(y + b * QK + 16);       \
+            for (int r = 0; r < 4; r++) {                                                         \
+                const uint8_t *blk = rows[r] + (int64_t)b * BB;                                   \
+                if (pf[r] && (b & 1) == 0) PREFETCH(pf[r] + (int64_t)b * BB);                     \
+                uint16_t h; memcpy(&h, blk, 2);                                                   \
+                __m512 s = _mm512_set1_ps(a[r] * f16_to_f32(h)), w0, w1;                          \
+                deq_##F(blk, &w0, &w1);                                                           \
+                y0 = _mm512_fmadd_ps(s, w0, y0);                                                  \
+                y1 = _mm512_fmadd_ps(s, w1, y1);                                                  \
+            }                                                                                     \
+            _mm512_storeu_ps(y + b * QK, y0);                                                     \
+            _mm512_storeu_ps(y + b * QK + 16, y1);                                                \
+        }                                                                                         \
+    }
+DEFINE_AXPY4(q8, 34)
+DEFINE_AXPY4(q4, 18)
+#else
+#define DEFINE_AXPY4(F)                                                                           \
+    static inline void axpy4_##F(const float *a, const uint8_t *const *rows, float *restrict y, int d, \
+                                 const uint8_t *const *pf) {                                     \
+        for (int r = 0; r < 4; r++) axpy_##F(a[r], rows[r], y, d, pf[r]);                         \
+    }
+DEFINE_AXPY4(q8)
+DEFINE_AXPY4(q4)
+#endif
+
 /* out[n] = W x (+ bias), one token, fp32 in and out. */
 #define DEFINE_QGEMV(F)                                                                           \
     void es_gemv_##F(const uint8_t *w, const float *x, const float *bias, int n, int d, int n_threads, float *out) { \
@@ -233,7 +320,17 @@ static inline void axpy_q4(float a, const uint8_t *restrict row, float *restrict
         {                                                                                         \
             THREAD_RANGE(n, lo, hi);                                                              \
             float *part = (float *)calloc((size_t)d_out, sizeof(float));                          \
-            for (int64_t j = lo; j < hi; j++) {                                                   \
+            int64_t j = lo;                                                                       \
+            for (; j + 4 <= hi; j += 4) {                                                         \
+                const uint8_t *rows[4], *pf[4];                                                   \
+                for (int r = 0; r < 4; r++) {                                                     \
+                    int64_t at = j + r, ahead = at + lead;                                        \
+                    rows[r] = QROW(F, w, idx ? idx[at] : at, d_out);                              \
+                    pf[r] = ahead < hi ? QROW(F, w, idx ? idx[ahead] : ahead, d_out) : NULL;      \
+                }                                                                                 \
+                axpy4_##F(coef + j, rows, part, d_out, pf);                                       \
+            }                                                                                     \
+            for (; j < hi; j++) {                                                                 \
                 const uint8_t *pf = j + lead < hi ? QROW(F, w, idx ? idx[j + lead] : j + lead, d_out) : NULL; \
                 axpy_##F(coef[j], QROW(F, w, idx ? idx[j] : j, d_out), part, d_out, pf);          \
             }                                                                                     \
@@ -276,23 +373,25 @@ static inline void axpy_q4(float a, const uint8_t *restrict row, float *restrict
         const int pred = a_t || qa;                                                               \
         int64_t n_cand = 0, n_active = 0, lead = rows_ahead(ROWB_##F(d));                         \
         float *t_buf = (float *)malloc(sizeof(float) * (size_t)(r + 1));                          \
-        QX qx;                                                                                    \
+        QX qx, qt = {NULL, NULL, NULL};   /* x, and the predictor's hidden t once computed */     \
         qx_init(&qx, x, d);                                                                       \
         memset(out, 0, sizeof(float) * (size_t)d);                                                \
         _Pragma("omp parallel num_threads(n_threads) reduction(+:n_cand, n_active)")              \
         {                                                                                         \
             if (pred) {                                                                           \
                 THREAD_RANGE(r, r_lo, r_hi);                                                      \
-                if (qa) seq_dots_i8(qa, r_lo, r_hi, d, x, sa, t_buf + r_lo);                      \
+                if (qa) seq_idots_i8(qa, r_lo, r_hi, d, x, &qx, sa, t_buf + r_lo);                \
                 else seq_dots_f32(a_t, r_lo, r_hi, d, x, t_buf + r_lo);                           \
             }                                                                                     \
             _Pragma("omp barrier")                                                                \
+            _Pragma("omp single")                                                                 \
+            if (qb && r % QK == 0) qx_init(&qt, t_buf, r);                                        \
             THREAD_RANGE(f, lo, hi);                                                              \
             float *part = (float *)calloc((size_t)d, sizeof(float));                              \
             float *val = (float *)malloc(sizeof(float) * (size_t)(hi - lo + 1));                  \
             int *ids = (int *)malloc(sizeof(int) * (size_t)(hi - lo + 1));                        \
             int nc = 0, na = 0;                                                                   \
-            if (qb) seq_dots_i8(qb, lo, hi, r, t_buf, sb, val);                                   \
+            if (qb) seq_idots_i8(qb, lo, hi, r, t_buf, &qt, sb, val);                             \
             else if (pred) seq_dots_f32(b_t, lo, hi, r, t_buf, val);                              \
             for (int64_t i = lo; i < hi; i++)                                                     \
                 if (!pred || val[i - lo] + pred_bias[i] > 0.f) ids[nc++] = (int)i;                \
@@ -301,12 +400,20 @@ static inline void axpy_q4(float a, const uint8_t *restrict row, float *restrict
                 float g = idot_##F(QROW(F, gate, ids[k], d), &qx, d, pf);                         \
                 if (g > 0.f) { ids[na] = ids[k]; val[na++] = g; }                                 \
             }                                                                                     \
-            for (int k = 0; k < na; k++) {                                                        \
-                const uint8_t *pf = k + 1 < na ? QROW(F, up, ids[k + 1], d) : NULL;               \
-                float u = idot_##F(QROW(F, up, ids[k], d), &qx, d, pf);                           \
-                axpy_##F(val[k] * u, QROW(F, down_t, ids[k], d), part, d,                         \
-                         k + 1 < na ? QROW(F, down_t, ids[k + 1], d) : NULL);                     \
+            for (int k = 0; k < na; k++) {   /* up rows: val becomes the down coefficient */      \
+                const uint8_t *pf = k + lead < na ? QROW(F, up, ids[k + lead], d) : NULL;         \
+                val[k] *= idot_##F(QROW(F, up, ids[k], d), &qx, d, pf);                           \
             }                                                                                     \
+            int k = 0;                                                                            \
+            for (; k + 4 <= na; k += 4) {    /* down rows, four at a time */                      \
+                const uint8_t *rows[4], *pf[4];                                                   \
+                for (int r = 0; r < 4; r++) {                                                     \
+                    rows[r] = QROW(F, down_t, ids[k + r], d);                                     \
+                    pf[r] = k + r + lead < na ? QROW(F, down_t, ids[k + r + lead], d) : NULL;     \
+                }                                                                                 \
+                axpy4_##F(val + k, rows, part, d, pf);                                            \
+            }                                                                                     \
+            for (; k < na; k++) axpy_##F(val[k], QROW(F, down_t, ids[k], d), part, d, NULL);      \
             n_cand += nc;                                                                         \
             n_active += na;                                                                       \
             reduce_into(out, part, d);                                                            \
@@ -314,6 +421,7 @@ static inline void axpy_q4(float a, const uint8_t *restrict row, float *restrict
         }                                                                                         \
         free(t_buf);                                                                              \
         qx_free(&qx);                                                                             \
+        if (qt.q) qx_free(&qt);                                                                   \
         counts[0] = n_cand;                                                                       \
         counts[1] = n_active;                                                                     \
     }
