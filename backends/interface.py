@@ -191,6 +191,10 @@ class Executor(ABC):
         of per-token active sets; for B == 1 simply that token's set)."""
         return mask.any(dim=0).nonzero().flatten()
 
+    def device_name(self) -> str | None:
+        """The accelerator's model name (benchmarks look up its peak bandwidth), None on the CPU."""
+        return None
+
     def synchronize(self) -> None:
         """Wait for queued device work (for timing); a no-op on the CPU."""
 

@@ -45,6 +45,9 @@ class CudaExecutor(TorchExecutor):
     def default_device(cls):
         return "cuda:0"
 
+    def device_name(self):
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+
     def synchronize(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

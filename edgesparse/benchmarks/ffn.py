@@ -54,9 +54,9 @@ def read_bandwidth_gbs(ex, mib: int = 1024, repeats: int = 5) -> float:
 
 
 def peak_gbs(ex) -> float | None:
-    if ex.device.type != "cuda":
+    name = ex.device_name()
+    if name is None:
         return None
-    name = torch.cuda.get_device_name(ex.device)
     return next((v for k, v in PEAK_GBS.items() if k in name), None)
 
 

@@ -36,160 +36,7 @@ static inline float f16_to_f32(uint16_t h) {
 #define ROWB_q8(d) ((int64_t)(d) / QK * 34)
 #define ROWB_q4(d) ((int64_t)(d) / QK * 18)
 
-/* Dots against block-quantised rows run in integers: the activation is quantised once per
- * call to int8 blocks of 32 with one fp32 scale each (like the q8_0 weights), each block pair
- * is an exact int32 dot (AVX-512 VNNI vpdpbusd, AVX2 vpmaddubsw, or plain C), and only the
- * block results are scaled in fp32.  Widening every weight to fp32 instead kept the FP unit
- * busy for ~13-18 cycles per block, 2-3x the time the same bytes take to stream here.
- * q4_0's nibbles are unsigned (n = q + 8): sum n*x - 8*sum x, with sum x per block kept. */
-typedef struct {
-    int8_t *q;      /* [d] */
-    float *s;       /* [d/32] block scales */
-    float *sum8;    /* [d/32] 8 * s * sum(q) of the block: q4_0's offset term */
-} QX;
-
-static void qx_init(QX *qx, const float *x, int d) {
-    int nb = d / QK;
-    qx->q = (int8_t *)malloc((size_t)d + 64);
-    qx->s = (float *)malloc(sizeof(float) * (size_t)(nb + 1));
-    qx->sum8 = (float *)malloc(sizeof(float) * (size_t)(nb + 1));
-    for (int b = 0; b < nb; b++) {
-        float amax = 0.f;
-        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[b * QK + j]));
-        float s = amax / 127.f, inv = s > 0.f ? 1.f / s : 0.f;
-        int sum = 0;
-        for (int j = 0; j < QK; j++) {
-            int q = (int)lrintf(x[b * QK + j] * inv);
-            qx->q[b * QK + j] = (int8_t)q;
-            sum += q;
-        }
-        qx->s[b] = s;
-        qx->sum8[b] = 8.f * s * (float)sum;
-    }
-}
-static void qx_free(QX *qx) { free(qx->q); free(qx->s); free(qx->sum8); }
-
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define DPBUSD(acc, u, s) _mm256_dpbusd_epi32((acc), (u), (s))
-#elif defined(__AVX2__)
-static inline __m256i dpbusd_avx2(__m256i acc, __m256i u, __m256i s) {
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
-}
-#define DPBUSD(acc, u, s) dpbusd_avx2((acc), (u), (s))
-#endif
-
-static inline float idot_q8(const uint8_t *restrict row, const QX *qx, int d, const uint8_t *pf) {
-    int nb = d / QK;
-#if defined(DPBUSD)
-    __m256 acc = _mm256_setzero_ps(), acc2 = acc;
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = row + (int64_t)b * 34;
-        if (pf && (b & 1) == 0) PREFETCH(pf + (int64_t)b * 34);
-        uint16_t h; memcpy(&h, blk, 2);
-        __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2));
-        __m256i x = _mm256_loadu_si256((const __m256i *)(qx->q + b * QK));
-        __m256i dp = DPBUSD(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-        __m256 sc = _mm256_set1_ps(f16_to_f32(h) * qx->s[b]);
-        if (b & 1) acc2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), sc, acc2);
-        else acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), sc, acc);
-    }
-    acc = _mm256_add_ps(acc, acc2);
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
-#else
-    float acc = 0.f;
-    if (pf) prefetch_row(pf, ROWB_q8(d));
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = row + (int64_t)b * 34;
-        uint16_t h; memcpy(&h, blk, 2);
-        const int8_t *q = (const int8_t *)(blk + 2), *x = qx->q + b * QK;
-        int s = 0;
-        for (int j = 0; j < QK; j++) s += (int)q[j] * (int)x[j];
-        acc += f16_to_f32(h) * qx->s[b] * (float)s;
-    }
-    return acc;
-#endif
-}
-
-static inline float idot_q4(const uint8_t *restrict row, const QX *qx, int d, const uint8_t *pf) {
-    int nb = d / QK;
-    float corr = 0.f;
-#if defined(DPBUSD)
-    const __m256i m4 = _mm256_set1_epi8(0x0f);
-    __m256 acc = _mm256_setzero_ps(), acc2 = acc;
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = row + (int64_t)b * 18;
-        if (pf && (b & 3) == 0) PREFETCH(pf + (int64_t)b * 18);
-        uint16_t h; memcpy(&h, blk, 2);
-        __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 2));
-        __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), m4);
-        __m256i x = _mm256_loadu_si256((const __m256i *)(qx->q + b * QK));
-        __m256i dp = DPBUSD(_mm256_setzero_si256(), w, x);
-        float ws = f16_to_f32(h);
-        corr += ws * qx->sum8[b];
-        __m256 sc = _mm256_set1_ps(ws * qx->s[b]);
-        if (b & 1) acc2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), sc, acc2);
-        else acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), sc, acc);
-    }
-    acc = _mm256_add_ps(acc, acc2);
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r))) - corr;
-#else
-    float acc = 0.f;
-    if (pf) prefetch_row(pf, ROWB_q4(d));
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = row + (int64_t)b * 18;
-        uint16_t h; memcpy(&h, blk, 2);
-        const uint8_t *q = blk + 2;
-        const int8_t *x = qx->q + b * QK;
-        int s = 0;
-        for (int j = 0; j < QK / 2; j++) s += (int)(q[j] & 15) * (int)x[j] + (int)(q[j] >> 4) * (int)x[j + 16];
-        float ws = f16_to_f32(h);
-        acc += ws * qx->s[b] * (float)s - ws * qx->sum8[b];
-    }
-    return acc;
-#endif
-}
-
-/* An int8 row with one scale for the whole row (the predictor's factors, formats.int8_rows)
- * against a quantised activation: the same integer dot as q8_0, without per-block scales. */
-static inline float idot_i8row(const int8_t *restrict row, const QX *qx, int d) {
-    int nb = d / QK;
-#if defined(DPBUSD)
-    __m256 acc = _mm256_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        __m256i w = _mm256_loadu_si256((const __m256i *)(row + b * QK));
-        __m256i x = _mm256_loadu_si256((const __m256i *)(qx->q + b * QK));
-        __m256i dp = DPBUSD(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), _mm256_set1_ps(qx->s[b]), acc);
-    }
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
-#else
-    float acc = 0.f;
-    for (int b = 0; b < nb; b++) {
-        int s = 0;
-        for (int j = 0; j < QK; j++) s += (int)row[b * QK + j] * (int)qx->q[b * QK + j];
-        acc += qx->s[b] * (float)s;
-    }
-    return acc;
-#endif
-}
-
-/* out[i - lo] = scale[i] * (row i . x) for int8 rows lo..hi-1; integer dots when the rows are
- * whole blocks, else the fp32 dots of sparse_rows.c. */
-static void seq_idots_i8(const int8_t *w, int64_t lo, int64_t hi, int d, const float *x, const QX *qx,
-                         const float *scale, float *out) {
-    if (d % QK) { seq_dots_i8(w, lo, hi, d, x, scale, out); return; }
-    int64_t lead = rows_ahead(d);
-    for (int64_t i = lo; i < hi; i++) {
-        if (i + lead < hi) prefetch_row(w + (i + lead) * d, d);
-        out[i - lo] = scale[i] * idot_i8row(w + i * d, qx, d);
-    }
-}
+#include "quant_dots.h"
 
 static inline void axpy_q8(float a, const uint8_t *restrict row, float *restrict y, int d, const uint8_t *pf) {
     int nb = d / QK;
@@ -345,21 +192,12 @@ DEFINE_AXPY4(q4)
     }                                                                                             \
     void es_topk_linear_##F(const uint8_t *w_t, const float *x, int d_in, int d_out, int k,       \
                             int n_threads, float *out) {                                         \
-        float *mag = (float *)malloc(sizeof(float) * (size_t)d_in);                               \
         int64_t *idx = (int64_t *)malloc(sizeof(int64_t) * (size_t)k);                            \
         float *coef = (float *)malloc(sizeof(float) * (size_t)k);                                 \
-        for (int j = 0; j < d_in; j++) mag[j] = fabsf(x[j]);                                      \
-        float t = kth_largest(mag, d_in, k);                                                      \
-        int above = 0;                                                                            \
-        for (int j = 0; j < d_in; j++) above += fabsf(x[j]) > t;                                  \
-        int ties = k - above, n = 0;                                                              \
-        for (int j = 0; j < d_in && n < k; j++) {                                                 \
-            float m = fabsf(x[j]);                                                                \
-            if (m > t || (m == t && ties-- > 0)) { idx[n] = j; coef[n] = x[j]; n++; }             \
-        }                                                                                         \
+        int n = select_topk(x, d_in, k, idx, coef);                                               \
         memset(out, 0, sizeof(float) * (size_t)d_out);                                            \
         qrows_into_##F(w_t, idx, coef, n, d_out, n_threads, out);                                 \
-        free(coef); free(idx); free(mag);                                                         \
+        free(coef); free(idx);                                                                    \
     }
 
 /* ReGLU FFN of one token (see es_reglu_ffn_bf16 for the passes); gate, up, down_t are rows

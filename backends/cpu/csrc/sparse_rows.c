@@ -359,26 +359,35 @@ static float kth_largest(float *a, int n, int k) {
  * the lower j (bf16 activations tie often; `topk_indices` in interface.py applies the same
  * rule on the torch paths, so every path keeps the same set), then out = sum over kept j of
  * x_j * w_t[j].  The row list comes out ascending, so the kept rows stream nearly in order. */
+/* The entries of x kept by Top-K: the k largest |x_j| (0 < k <= d_in), ties at the k-th
+ * magnitude going to the lower j, as ascending idx with their values in coef; returns k. */
+static int select_topk(const float *x, int d_in, int k, int64_t *idx, float *coef) {
+    float *mag = (float *)malloc(sizeof(float) * (size_t)d_in);
+    for (int j = 0; j < d_in; j++) mag[j] = fabsf(x[j]);
+    float t = kth_largest(mag, d_in, k);
+    int above = 0;
+    for (int j = 0; j < d_in; j++) above += fabsf(x[j]) > t;
+    int ties = k - above, n = 0;
+    for (int j = 0; j < d_in && n < k; j++) {
+        float m = fabsf(x[j]);
+        if (m > t || (m == t && ties-- > 0)) { idx[n] = j; coef[n] = x[j]; n++; }
+    }
+    free(mag);
+    return n;
+}
+
 #define DEFINE_TOPK(S, WT)                                                                        \
     void es_topk_linear_##S(const WT *w_t, const WT *x_in, int d_in, int d_out, int k,              \
                             int n_threads, WT *out) {                                            \
         float *x = (float *)malloc(sizeof(float) * (size_t)d_in);                                 \
-        float *mag = (float *)malloc(sizeof(float) * (size_t)d_in);                               \
         int64_t *idx = (int64_t *)malloc(sizeof(int64_t) * (size_t)k);                            \
         float *coef = (float *)malloc(sizeof(float) * (size_t)k);                                 \
         float *acc = (float *)calloc((size_t)d_out, sizeof(float));                               \
-        for (int j = 0; j < d_in; j++) { x[j] = LOAD_##S(x_in[j]); mag[j] = x[j] < 0 ? -x[j] : x[j]; } \
-        float t = kth_largest(mag, d_in, k);                                                      \
-        int above = 0;                                                                            \
-        for (int j = 0; j < d_in; j++) above += (x[j] < 0 ? -x[j] : x[j]) > t;                    \
-        int ties = k - above, n = 0;                                                              \
-        for (int j = 0; j < d_in && n < k; j++) {                                                 \
-            float m = x[j] < 0 ? -x[j] : x[j];                                                    \
-            if (m > t || (m == t && ties-- > 0)) { idx[n] = j; coef[n] = x[j]; n++; }             \
-        }                                                                                         \
+        for (int j = 0; j < d_in; j++) x[j] = LOAD_##S(x_in[j]);                                  \
+        int n = select_topk(x, d_in, k, idx, coef);                                               \
         rows_into_##S(w_t, idx, coef, n, d_out, n_threads, acc);                                  \
         store_merged_##S(acc, NULL, out, d_out);                                                  \
-        free(acc); free(coef); free(idx); free(mag); free(x);                                     \
+        free(acc); free(coef); free(idx); free(x);                                                \
     }
 
 DEFINE_TOPK(bf16, uint16_t)
