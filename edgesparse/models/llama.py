@@ -1,0 +1,6 @@
+"""Llama (and checkpoints in its layout: TinyLlama, SmolLM2, the embedded ``tiny``)."""
+from __future__ import annotations
+
+from .families import Family
+
+FAMILY = Family(name="llama", rope="transformers.models.llama.modeling_llama:LlamaRotaryEmbedding")

@@ -1,0 +1,7 @@
+"""Mistral: the Llama layout with a sliding attention window."""
+from __future__ import annotations
+
+from .families import Family
+
+FAMILY = Family(name="mistral", rope="transformers.models.mistral.modeling_mistral:MistralRotaryEmbedding",
+                rules=lambda c: dict(sliding_window=getattr(c, "sliding_window", None)))
