@@ -5,11 +5,15 @@
  * is an exact int32 dot (AVX-512 VNNI vpdpbusd, AVX2 vpmaddubsw, or plain C), and only the
  * block results are scaled in fp32.  Widening every weight to fp32 instead kept the FP unit
  * busy for ~13-18 cycles per block, 2-3x the time the same bytes take to stream here.
- * q4_0's nibbles are unsigned (n = q + 8): sum n*x - 8*sum x, with sum x per block kept. */
+ * q4_0's nibbles are unsigned (n = q + 8): sum n*x - 8*sum x.  The -8*sum x term is kept per
+ * block in the lanes vpdpbusd adds into (off), so it costs nothing per row: a scalar
+ * correction per block made a serial fp32 chain that bounded the whole GEMV (4 cycles/block).
+ * Four accumulators keep the per-block FMAs off one chain too. */
 typedef struct {
     int8_t *q;      /* [d] */
     float *s;       /* [d/32] block scales */
-    float *sum8;    /* [d/32] 8 * s * sum(q) of the block: q4_0's offset term */
+    float *sum8;    /* [d/32] 8 * s * sum(q) of the block (the portable path's offset term) */
+    int32_t *off;   /* [d/32 * 8] -8 * (sum of q over each 4-byte lane group): q4_0's offset */
 } QX;
 
 static void qx_init(QX *qx, const float *x, int d) {
@@ -17,6 +21,7 @@ static void qx_init(QX *qx, const float *x, int d) {
     qx->q = (int8_t *)malloc((size_t)d + 64);
     qx->s = (float *)malloc(sizeof(float) * (size_t)(nb + 1));
     qx->sum8 = (float *)malloc(sizeof(float) * (size_t)(nb + 1));
+    qx->off = (int32_t *)malloc(sizeof(int32_t) * (size_t)(nb * 8 + 8));
     for (int b = 0; b < nb; b++) {
         float amax = 0.f;
         for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[b * QK + j]));
@@ -29,9 +34,13 @@ static void qx_init(QX *qx, const float *x, int d) {
         }
         qx->s[b] = s;
         qx->sum8[b] = 8.f * s * (float)sum;
+        for (int l = 0; l < 8; l++) {
+            const int8_t *g = qx->q + b * QK + 4 * l;
+            qx->off[b * 8 + l] = -8 * ((int)g[0] + g[1] + g[2] + g[3]);
+        }
     }
 }
-static void qx_free(QX *qx) { free(qx->q); free(qx->s); free(qx->sum8); }
+static void qx_free(QX *qx) { free(qx->q); free(qx->s); free(qx->sum8); free(qx->off); }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define DPBUSD(acc, u, s) _mm256_dpbusd_epi32((acc), (u), (s))
@@ -52,7 +61,7 @@ static inline float hsum256(__m256 v) {
 static inline float idot_q8(const uint8_t *restrict row, const QX *qx, int d, const uint8_t *pf) {
     int nb = d / QK;
 #if defined(DPBUSD)
-    __m256 acc = _mm256_setzero_ps(), acc2 = acc;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = row + (int64_t)b * 34;
         if (pf && (b & 1) == 0) PREFETCH(pf + (int64_t)b * 34);
@@ -60,11 +69,9 @@ static inline float idot_q8(const uint8_t *restrict row, const QX *qx, int d, co
         __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2));
         __m256i x = _mm256_loadu_si256((const __m256i *)(qx->q + b * QK));
         __m256i dp = DPBUSD(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-        __m256 sc = _mm256_set1_ps(f16_to_f32(h) * qx->s[b]);
-        if (b & 1) acc2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), sc, acc2);
-        else acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), sc, acc);
+        acc[b & 3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), _mm256_set1_ps(f16_to_f32(h) * qx->s[b]), acc[b & 3]);
     }
-    return hsum256(_mm256_add_ps(acc, acc2));
+    return hsum256(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
 #else
     float acc = 0.f;
     if (pf) prefetch_row(pf, ROWB_q8(d));
@@ -83,9 +90,8 @@ static inline float idot_q8(const uint8_t *restrict row, const QX *qx, int d, co
 static inline float idot_q4(const uint8_t *restrict row, const QX *qx, int d, const uint8_t *pf) {
     int nb = d / QK;
 #if defined(DPBUSD)
-    float corr = 0.f;
     const __m256i m4 = _mm256_set1_epi8(0x0f);
-    __m256 acc = _mm256_setzero_ps(), acc2 = acc;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = row + (int64_t)b * 18;
         if (pf && (b & 3) == 0) PREFETCH(pf + (int64_t)b * 18);
@@ -93,14 +99,10 @@ static inline float idot_q4(const uint8_t *restrict row, const QX *qx, int d, co
         __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 2));
         __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), m4);
         __m256i x = _mm256_loadu_si256((const __m256i *)(qx->q + b * QK));
-        __m256i dp = DPBUSD(_mm256_setzero_si256(), w, x);
-        float ws = f16_to_f32(h);
-        corr += ws * qx->sum8[b];
-        __m256 sc = _mm256_set1_ps(ws * qx->s[b]);
-        if (b & 1) acc2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), sc, acc2);
-        else acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), sc, acc);
+        __m256i dp = DPBUSD(_mm256_loadu_si256((const __m256i *)(qx->off + b * 8)), w, x);
+        acc[b & 3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), _mm256_set1_ps(f16_to_f32(h) * qx->s[b]), acc[b & 3]);
     }
-    return hsum256(_mm256_add_ps(acc, acc2)) - corr;
+    return hsum256(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
 #else
     float acc = 0.f;
     if (pf) prefetch_row(pf, ROWB_q4(d));
