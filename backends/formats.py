@@ -38,12 +38,13 @@ def int8_rows(m: torch.Tensor) -> Int8Rows | None:
 
 
 # -- block-quantised rows: q8_0, q4_0 -------------------------------------------------------
-# A row of d weights is d/32 blocks; each block is an fp16 scale then its quants, so a row is
+# A row of d weights is d/32 blocks; each block is an fp16 scale (q4_1: and an fp16 minimum)
+# then its quants (the GGUF Q8_0 / Q4_0 / Q4_1 block layouts, byte for byte), so a row is
 # one contiguous byte stream and skipping rows never splits a block.  Matrices are stored
 # with the axis the kernels stream as rows: FFN gate/up [d_ff, d], the down projection
 # transposed [d_ff, d] (neuron-major), Top-K linears Wᵀ, dense linears W [d_out, d_in].
 BLOCK = 32
-BLOCK_BYTES = {"q8_0": 2 + BLOCK, "q4_0": 2 + BLOCK // 2}
+BLOCK_BYTES = {"q8_0": 2 + BLOCK, "q4_0": 2 + BLOCK // 2, "q4_1": 4 + BLOCK // 2}
 FLOAT_FORMATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHT_FORMATS = tuple(FLOAT_FORMATS) + tuple(BLOCK_BYTES)
 
@@ -75,11 +76,15 @@ class QuantRows:
         blocks = data.view(n, nb, BLOCK_BYTES[self.fmt])
         scale = blocks[..., :2].contiguous().view(torch.float16).float()          # [n, nb, 1]
         if self.fmt == "q8_0":
-            q = blocks[..., 2:].contiguous().view(torch.int8).float()
-        else:
-            packed = blocks[..., 2:].to(torch.int16)
-            q = torch.cat([packed & 15, packed >> 4], dim=-1).float() - 8
-        return (q * scale).view(n, self.cols).to(dtype)
+            return (blocks[..., 2:].contiguous().view(torch.int8).float() * scale).view(n, self.cols).to(dtype)
+        start = 4 if self.fmt == "q4_1" else 2
+        packed = blocks[..., start:].to(torch.int16)
+        q = torch.cat([packed & 15, packed >> 4], dim=-1).float()
+        if self.fmt == "q4_1":   # w = s * n + min
+            w = q * scale + blocks[..., 2:4].contiguous().view(torch.float16).float()
+        else:                    # w = s * (n - 8)
+            w = (q - 8) * scale
+        return w.view(n, self.cols).to(dtype)
 
     # Read-only tensor-like views for code that inspects weights in float (calibration,
     # fingerprints, LaRoSA folding): always the de-quantised values.
@@ -105,7 +110,8 @@ def quantize_rows(m: torch.Tensor, fmt: str, chunk: int = 4096) -> QuantRows:
     a time so a large matrix never needs a second float copy.
     q8_0: scale = max|block| / 127, q = round(w / scale).
     q4_0: scale = -m / 8 with m the block's entry of largest magnitude (its sign kept), so m
-    itself maps to the end of the range exactly; n = clamp(floor(w / scale + 8.5), 0, 15)."""
+    itself maps to the end of the range exactly; n = clamp(floor(w / scale + 8.5), 0, 15).
+    q4_1: min = the block's minimum, scale = (max - min) / 15, n = round((w - min) / scale)."""
     if not quantizable(m, fmt):
         raise ValueError(f"cannot quantise a {tuple(m.shape)} matrix to {fmt}: rows must be multiples of {BLOCK}")
     n, cols = m.shape
@@ -117,14 +123,23 @@ def quantize_rows(m: torch.Tensor, fmt: str, chunk: int = 4096) -> QuantRows:
             scale = blk.abs().amax(-1, keepdim=True) / 127
             inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
             q = (blk * inv).round().clamp(-127, 127).to(torch.int8).view(torch.uint8)
+        elif fmt == "q4_1":
+            lo, hi = blk.amin(-1, keepdim=True), blk.amax(-1, keepdim=True)
+            lo = lo.to(torch.float16).float()   # the stored min, so the grid starts exactly there
+            scale = (hi - lo) / 15
+            inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+            q = ((blk - lo) * inv).round().clamp(0, 15).to(torch.uint8)
+            q = q[..., :BLOCK // 2] | (q[..., BLOCK // 2:] << 4)
         else:
             pos = blk.abs().argmax(-1, keepdim=True)
             scale = blk.gather(-1, pos) / -8 + 0.0   # + 0.0: an all-zero block gets +0, not -0
             inv = torch.where(scale != 0, 1 / scale, torch.zeros_like(scale))
             q = (blk * inv + 8.5).floor().clamp(0, 15).to(torch.uint8)
             q = q[..., :BLOCK // 2] | (q[..., BLOCK // 2:] << 4)
-        s = scale.to(torch.float16).view(torch.uint8)                                # [rows, nb, 2]
-        out[i:i + chunk] = torch.cat([s, q], dim=-1).view(-1, nb * BLOCK_BYTES[fmt])
+        parts = [scale.to(torch.float16).view(torch.uint8)]                         # [rows, nb, 2]
+        if fmt == "q4_1":
+            parts.append(lo.to(torch.float16).view(torch.uint8))
+        out[i:i + chunk] = torch.cat(parts + [q], dim=-1).view(-1, nb * BLOCK_BYTES[fmt])
     return QuantRows(fmt, out, cols)
 
 
@@ -136,3 +151,11 @@ def dense(w, dtype) -> torch.Tensor:
 def rows_of(w, idx: torch.Tensor, dtype) -> torch.Tensor:
     """Rows ``idx`` of a weight, as a float tensor of ``dtype``."""
     return w.rows(idx, dtype) if isinstance(w, QuantRows) else torch.nn.functional.embedding(idx, w)
+
+
+def cat_rows(mats: list):
+    """Stack matrices along their rows (fused q/k/v): QuantRows of one format stay blocks."""
+    if all(isinstance(m, QuantRows) for m in mats) and len({(m.fmt, m.cols) for m in mats}) == 1:
+        return QuantRows(mats[0].fmt, torch.cat([m.data for m in mats]), mats[0].cols)
+    dtype = next((m.dtype for m in mats if not isinstance(m, QuantRows)), torch.float32)
+    return torch.cat([dense(m, dtype) for m in mats])

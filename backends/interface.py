@@ -82,11 +82,13 @@ class Executor(ABC):
         """Move a tensor to this backend's device, contiguous, optionally cast."""
         return t.to(device=self.device, dtype=dtype or t.dtype).contiguous()
 
-    def place_matrix(self, m, fmt: str | None = None):
+    def place_matrix(self, m, fmt: str | None | bool = None):
         """A weight matrix in the layout the kernels stream: ``fmt`` (default: this executor's
-        ``weight_format``) where its rows are whole blocks, else a float tensor."""
-        if isinstance(m, QuantRows):   # already prepared (a tied lm_head, the gate of exact mode)
-            return m
+        ``weight_format``; False: as it is) where its rows are whole blocks, else a float tensor."""
+        if isinstance(m, QuantRows):   # already blocks (a GGUF tensor, a tied lm_head, exact mode's gate)
+            return m if m.device == self.device else QuantRows(m.fmt, self.place(m.data), m.cols)
+        if fmt is False:
+            return self.place(m)
         fmt = self.weight_format if fmt is None else fmt
         if quantizable(m, fmt):
             q = quantize_rows(m, fmt)
@@ -97,7 +99,9 @@ class Executor(ABC):
         return LinearWeights(self.place_matrix(weight, fmt), None if bias is None else self.place(bias))
 
     def prepare_ffn(self, gate, up, down, act: str) -> FFNWeights:
-        return FFNWeights(self.place_matrix(gate), self.place_matrix(up), self.place_matrix(down.t()), act)
+        """``down``: ``W_down [d, d_ff]``, or QuantRows already neuron-major (``[d_ff, d]``)."""
+        down_t = down if isinstance(down, QuantRows) else down.t()
+        return FFNWeights(self.place_matrix(gate), self.place_matrix(up), self.place_matrix(down_t), act)
 
     def prepare_topk(self, weight, bias, k: int) -> TopKWeights:
         return TopKWeights(self.place_matrix(weight.t()), None if bias is None else self.place(bias), int(k))

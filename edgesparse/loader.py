@@ -16,6 +16,7 @@ from .models.decoder import DecoderModel
 from .models.families import Family, family_of
 from .models.spec import spec_from_config, ModelSpec
 from .models.weights import Attention, Layer, gated_mlp
+from edgesparse.backends.formats import QuantRows, cat_rows
 from .embedded import TINY
 
 EMBEDDED = {"tiny": TINY}
@@ -64,24 +65,16 @@ def load_tokenizer(p: Path):
 
 
 def load_state_dict(p: Path) -> dict[str, torch.Tensor]:
-    if p.is_dir():
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        sd = {}
-        try:
-            for f in sorted(p.glob("*.safetensors")):
-                sd.update(load_file(f))
-        except (SafetensorError, OSError) as e:
-            raise ModelFilesError(f"corrupted weights in {p}: {e}") from e
-        return sd
-    # GGUF: let transformers de-quantise into its own model, then take the tensors.
-    from transformers import AutoModelForCausalLM
+    """The float weights of a HF checkpoint dir (GGUF files: ``gguf_file.read_weights``)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    sd = {}
     try:
-        m = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
-    except (OSError, ValueError, ImportError) as e:
-        raise ModelFilesError(f"cannot read GGUF {p}: {str(e).splitlines()[0]} "
-                              "(needs the 'gguf' extra: pip install edgesparse[gguf])") from e
-    return m.state_dict()
+        for f in sorted(p.glob("*.safetensors")):
+            sd.update(load_file(f))
+    except (SafetensorError, OSError) as e:
+        raise ModelFilesError(f"corrupted weights in {p}: {e}") from e
+    return sd
 
 
 def rope_tables(config, spec: ModelSpec, family: Family, dtype):
@@ -95,7 +88,9 @@ def rope_tables(config, spec: ModelSpec, family: Family, dtype):
 
 
 def build_model(config, sd: dict, ex: Executor, dtype, family: Family | None = None) -> DecoderModel:
-    """A DecoderModel from a state dict named as the family's ``TensorNames`` say."""
+    """A DecoderModel from a state dict named as the family's ``TensorNames`` say.  Values are
+    float tensors, or QuantRows already in the runtime layout (from a GGUF file; a QuantRows
+    down projection is neuron-major)."""
     family = family or family_of(list(getattr(config, "architectures", None) or []),
                                  getattr(config, "model_type", None))
     spec = spec_from_config(config, family)
@@ -105,7 +100,7 @@ def build_model(config, sd: dict, ex: Executor, dtype, family: Family | None = N
         t = sd.get(name)
         if t is None and required:
             raise ModelFilesError(f"weight {name} missing from the checkpoint")
-        return None if t is None else t.to(dtype)
+        return t if t is None or isinstance(t, QuantRows) else t.to(dtype)
 
     def bias(template, i, present):
         return w(template.format(i=i).replace("weight", "bias")) if present else None
@@ -113,7 +108,7 @@ def build_model(config, sd: dict, ex: Executor, dtype, family: Family | None = N
     layers = []
     for i in range(spec.n_layers):
         n = lambda template: template.format(i=i)  # noqa: E731
-        qkv_w = torch.cat([w(n(names.q)), w(n(names.k)), w(n(names.v))])
+        qkv_w = cat_rows([w(n(names.q)), w(n(names.k)), w(n(names.v))])
         qkv_b = None
         if spec.qkv_bias:
             qkv_b = torch.cat([bias(t, i, True) for t in (names.q, names.k, names.v)])
@@ -122,7 +117,7 @@ def build_model(config, sd: dict, ex: Executor, dtype, family: Family | None = N
         mlp = gated_mlp(ex, ex.place(w(n(names.mlp_norm))), w(n(names.gate)), w(n(names.up)), w(n(names.down)),
                         spec.act)
         layers.append(Layer(attn, mlp))
-    embed = ex.place(w(names.embed))
+    embed = ex.place_matrix(w(names.embed), fmt=False)   # QuantRows stay blocks; float stays float
     head = embed if spec.tied or names.lm_head not in sd else ex.place(w(names.lm_head))
     cos, sin = rope_tables(config, spec, family, dtype)
     return DecoderModel(spec=spec, ex=ex, embed=embed, layers=layers, norm=ex.place(w(names.norm)),
@@ -130,31 +125,43 @@ def build_model(config, sd: dict, ex: Executor, dtype, family: Family | None = N
                         cos=ex.place(cos), sin=ex.place(sin))
 
 
-QUANT_WEIGHTS = ("q8_0", "q4_0")
+QUANT_WEIGHTS = ("q8_0", "q4_0", "q4_1")
+FLOAT_WEIGHTS = ("fp32", "bf16", "fp16")
 # Where the weights are 4-bit, the lm_head stays 8-bit: it decides every sampled token and is
 # one matrix (llama.cpp keeps it at 6 bits in its Q4_0 files for the same reason).
-HEAD_FORMAT = {"q8_0": "q8_0", "q4_0": "q8_0"}
+HEAD_FORMAT = {"q8_0": "q8_0", "q4_0": "q8_0", "q4_1": "q8_0"}
 
 
 def load_model(path, backend: str = "auto", dtype=None, weights: str | None = None):
-    """Returns ``(model, tokenizer, config, resolved_path)``.  ``weights``: None keeps the
-    matrices in ``dtype``; ``q8_0`` / ``q4_0`` quantises them at load, tensor by tensor
-    (activations, norms and embeddings stay in ``dtype``)."""
-    if weights in ("fp32", "bf16", "fp16"):
-        dtype, weights = dtype or weights, None
-    if weights is not None and weights not in QUANT_WEIGHTS:
-        raise InvalidOptionError(f"unknown weight format {weights!r}; choose one of fp32, bf16, fp16, "
-                                 f"{', '.join(QUANT_WEIGHTS)}")
+    """Returns ``(model, tokenizer, config, resolved_path)``.
+
+    ``weights``: None keeps the checkpoint's own precision (safetensors: ``dtype``; a GGUF file:
+    its blocks: Q8_0 / Q4_0 / Q4_1 as they are, other 8-6-5-bit types as q8_0, 4-bit and below as
+    q4_0); ``q8_0`` / ``q4_0`` / ``q4_1`` quantise the
+    matrices at load, tensor by tensor; ``fp32`` / ``bf16`` / ``fp16`` keep float matrices.
+    Activations, norms and the KV cache are in ``dtype`` (default fp32)."""
+    if weights is not None and weights not in FLOAT_WEIGHTS + QUANT_WEIGHTS:
+        raise InvalidOptionError(f"unknown weight format {weights!r}; choose one of "
+                                 f"{', '.join(FLOAT_WEIGHTS + QUANT_WEIGHTS)}")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise InvalidOptionError(f"unknown dtype {dtype!r}; choose one of fp32, bf16, fp16")
         dtype = DTYPES[dtype]
+    if weights in FLOAT_WEIGHTS:
+        dtype = dtype or DTYPES[weights]
     dtype = dtype or torch.float32
     p = resolve_model_path(path)
     ex = get_executor(backend)
-    ex.weight_format = weights
     config = load_config(p)
-    spec_from_config(config)   # refuse an unsupported config before reading weights
+    family = family_of(list(getattr(config, "architectures", None) or []), getattr(config, "model_type", None))
+    spec = spec_from_config(config, family)   # refuse an unsupported config before reading weights
     tok = load_tokenizer(p)
-    sd = load_state_dict(p)
-    return build_model(config, sd, ex, dtype), tok, config, p
+    if p.suffix == ".gguf":
+        from .gguf_file import default_format, open_gguf, read_weights
+        fmt = default_format(open_gguf(p)) if weights is None else (None if weights in FLOAT_WEIGHTS else weights)
+        sd = read_weights(p, family, spec, fmt, HEAD_FORMAT.get(fmt), dtype)
+    else:
+        fmt = weights if weights in QUANT_WEIGHTS else None
+        sd = load_state_dict(p)
+    ex.weight_format = fmt
+    return build_model(config, sd, ex, dtype, family), tok, config, p

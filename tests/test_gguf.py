@@ -33,3 +33,34 @@ def test_smollm2_topk_artifacts_roundtrip(smol, tmp_path):
     assert llm.model.ffn_mode == "topk" and llm.model.attn_mode == "topk"
     prompt = llm.chat_prompt([{"role": "user", "content": "What is the capital of France?"}])
     assert "Paris" in llm.generate(prompt, max_new_tokens=20, stop_token_ids=llm.chat_stop_ids()).text
+
+
+def test_gguf_read_natively_matches_transformers_dequantisation():
+    # fp32: every tensor de-quantised by our reader, q/k rows un-permuted: transformers' values
+    import torch
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 30, 9]])
+    with torch.no_grad():
+        want = hf(ids).logits[0, -1]
+    llm = edgesparse.load(GGUF, backend="cpu", weights="fp32")
+    with torch.no_grad():
+        got = llm.model.forward(ids, llm.model.new_cache(1, 8), torch.arange(8)[None])[0]
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+
+
+def test_gguf_keeps_its_blocks_by_default(smol):
+    from edgesparse.backends.formats import QuantRows
+    layer = smol.model.layers[0]
+    assert smol.model.ex.weight_format == "q4_1"
+    assert isinstance(layer.attn.qkv.weight, QuantRows) and layer.attn.qkv.weight.fmt == "q4_1"
+    assert layer.mlp.ffn.down_t.fmt == "q8_0"        # re-quantised across blocks: 8 bits
+    assert isinstance(smol.model.embed, QuantRows) and smol.model.lm_head.weight is smol.model.embed
+
+
+def test_truncated_gguf_is_a_clear_error(tmp_path):
+    from edgesparse.errors import ModelFilesError
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(GGUF.read_bytes()[:5_000_000])
+    with pytest.raises(ModelFilesError):
+        edgesparse.load(bad, backend="cpu")

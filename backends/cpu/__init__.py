@@ -42,7 +42,7 @@ class CpuExecutor(TorchExecutor):
         pack = lambda rows: (None, None) if rows is None else (self.place(rows.q), rows.s)  # noqa: E731
         if qa is not None or qb is not None:
             p.packed = (*pack(qa), *pack(qb))
-        if self.weight_format in ("q8_0", "q4_0"):
+        if self.weight_format in native.QUANT_FORMATS:
             f32 = lambda m, q: None if q is not None else self.place(m.float())  # noqa: E731
             p.packed = (*pack(qa), *pack(qb), f32(p.a.t(), qa), f32(p.b.t(), qb), p.bias.float().contiguous())
         return p
@@ -81,7 +81,7 @@ class CpuExecutor(TorchExecutor):
 
     def reglu_sparse(self, x, w, p):
         if isinstance(w.gate, QuantRows):
-            if x.shape[0] == 1 and native.supports_quant(w.gate, w.up, w.down_t) and (p is None or p.packed):
+            if x.shape[0] == 1 and native.supports_ffn(w.gate, w.up, w.down_t) and (p is None or p.packed):
                 pk = (None,) * 7 if p is None else p.packed
                 out, n_cand, n_active = native.q_reglu_ffn(
                     x[0], w.gate, w.up, w.down_t, pk[4], pk[5], pk[6], None if p is None else pk[:4])

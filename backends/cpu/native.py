@@ -19,12 +19,17 @@ from pathlib import Path
 
 import torch
 
+from ..formats import QuantRows
+
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "sparse_rows.c", CSRC / "decode_ops.c"]
 _state: dict = {}
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 # Block-quantised rows (formats.QuantRows): fp32 activations in and out, see quant_rows.h.
-_QUANT = {"q8_0": "q8", "q4_0": "q4"}
+_QUANT = {"q8_0": "q8", "q4_0": "q4", "q4_1": "q41"}
+QUANT_FORMATS = tuple(_QUANT)
+# (gate/up, down) format pairs the fused FFN kernel is built for (quant_rows.h)
+_FFN_PAIRS = ("q8_q8", "q4_q4", "q41_q41", "q4_q8", "q41_q8")
 _QUANT_OPS = ("es_reglu_ffn", "es_weighted_rows", "es_gemv", "es_topk_linear")
 _P, _I = ctypes.c_void_p, ctypes.c_int
 # Declared argument types: ctypes then takes data_ptr() ints and None (NULL) as they are.
@@ -68,7 +73,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     except OSError as e:
         return None, f"native library not loadable: {e}"
     for name, argtypes in _SIGNATURES.items():
-        for suffix in (*_SUFFIX.values(), *(_QUANT.values() if name in _QUANT_OPS else ())):
+        quant = (_FFN_PAIRS if name == "es_reglu_ffn" else _QUANT.values()) if name in _QUANT_OPS else ()
+        for suffix in (*_SUFFIX.values(), *quant):
             fn = getattr(lib, f"{name}_{suffix}")
             fn.argtypes, fn.restype = argtypes, None
     return lib, f"native kernels ({out.name})"
@@ -188,11 +194,17 @@ def decode_attention(qkv: torch.Tensor, cos, sin, cache_k, cache_v, slot: int, f
 
 # -- block-quantised weights (QuantRows): activations go in and come out as fp32 ---------------
 def supports_quant(*weights) -> bool:
-    """True when every weight is a QuantRows on the cpu, contiguous, of one format."""
+    """True when every weight is a QuantRows on the cpu, contiguous, in a format with kernels."""
     if lib() is None:
         return False
-    fmt = weights[0].fmt
-    return fmt in _QUANT and all(w.fmt == fmt and w.data.is_cpu and w.data.is_contiguous() for w in weights)
+    return all(isinstance(w, QuantRows) and w.fmt in _QUANT and w.data.is_cpu and w.data.is_contiguous()
+               for w in weights)
+
+
+def supports_ffn(gate, up, down_t) -> bool:
+    """The fused ReGLU kernel exists for these formats (gate and up alike; down paired)."""
+    return (supports_quant(gate, up, down_t) and gate.fmt == up.fmt
+            and f"{_QUANT[gate.fmt]}_{_QUANT[down_t.fmt]}" in _FFN_PAIRS)
 
 
 def _qfn(name: str, w):
@@ -247,7 +259,11 @@ def q_reglu_ffn(x: torch.Tensor, gate, up, down_t, a_t=None, b_t=None, bias=None
     r = qa.shape[0] if qa is not None else (0 if a_t is None else a_t.shape[0])
     out = torch.empty(d, dtype=torch.float32)
     counts = (ctypes.c_int64 * 2)()
-    _qfn("es_reglu_ffn", gate)(x.data_ptr(), _ptr(a_t), _ptr(b_t), _ptr(qa), _ptr(sa), _ptr(qb), _ptr(sb),
+    fns = _state.setdefault("fns", {})
+    key = ("es_reglu_ffn", gate.fmt, down_t.fmt)
+    if key not in fns:
+        fns[key] = getattr(lib(), f"es_reglu_ffn_{_QUANT[gate.fmt]}_{_QUANT[down_t.fmt]}")
+    fns[key](x.data_ptr(), _ptr(a_t), _ptr(b_t), _ptr(qa), _ptr(sa), _ptr(qb), _ptr(sb),
                                _ptr(bias), gate.data.data_ptr(), up.data.data_ptr(), down_t.data.data_ptr(),
                                d, r, f, torch.get_num_threads(), out.data_ptr(), counts)
     return out, counts[0], counts[1]

@@ -16,8 +16,9 @@ def _add_model_opts(p, artifacts=True):
     p.add_argument("model", help="HF checkpoint dir, .gguf file, or 'tiny' (the embedded model)")
     p.add_argument("--backend", default="auto", choices=choices())
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--weights", default=None, choices=["q8_0", "q4_0"],
-                   help="quantise the weight matrices at load (default: keep --dtype)")
+    p.add_argument("--weights", default=None, choices=["fp32", "bf16", "fp16", "q8_0", "q4_0", "q4_1"],
+                   help="weight matrices' format (default: the checkpoint's own precision; "
+                        "a GGUF file keeps its 8- or 4-bit blocks)")
     if artifacts:
         p.add_argument("--artifacts", default=None, help="calibration artifact dir (from `calibrate`)")
 
@@ -187,7 +188,7 @@ def _add_more_commands(sub):
     p.add_argument("--shape", default="4096x11008")
     p.add_argument("--sparsity", type=_fraction, default=0.9)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
-    p.add_argument("--weights", choices=["q8_0", "q4_0"], default=None, help="block-quantised weights")
+    p.add_argument("--weights", choices=["q8_0", "q4_0", "q4_1"], default=None, help="block-quantised weights")
     p.add_argument("--backend", default="cpu")
     p.add_argument("--rank", type=_positive_int, default=None)
     p.add_argument("--repeats", type=_positive_int, default=15)
@@ -197,7 +198,7 @@ def _add_more_commands(sub):
     p.add_argument("--synthetic", default=None, help="tinyllama-1.1b")
     p.add_argument("--backend", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
-    p.add_argument("--weights", choices=["q8_0", "q4_0"], default=None, help="block-quantised weights")
+    p.add_argument("--weights", choices=["q8_0", "q4_0", "q4_1"], default=None, help="block-quantised weights")
     p.add_argument("--new-tokens", type=_positive_int, default=32)
     p.add_argument("--rounds", type=_positive_int, default=3)
     p.add_argument("--rotation", choices=["shared", "per-site", "global"], default="global")

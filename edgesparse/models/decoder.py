@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from edgesparse.backends.formats import QuantRows
 from edgesparse.backends.interface import Executor, LinearWeights, rope
 from edgesparse.errors import InvalidOptionError
 from edgesparse.sparsity.ffn import FFN_MODES, StatsBook
@@ -33,7 +34,7 @@ class KVCache:
 class DecoderModel:
     spec: ModelSpec
     ex: Executor
-    embed: torch.Tensor        # [V, d]
+    embed: "torch.Tensor | QuantRows"   # [V, d] (rows de-quantised on lookup)
     layers: list[Layer]
     norm: torch.Tensor
     lm_head: LinearWeights
@@ -47,7 +48,8 @@ class DecoderModel:
 
     @property
     def dtype(self):
-        return self.embed.dtype
+        """The activations' dtype (the embeddings may be blocks: the norms never are)."""
+        return self.norm.dtype
 
     def set_ffn_mode(self, mode: str) -> None:
         if mode not in FFN_MODES:
@@ -119,7 +121,8 @@ class DecoderModel:
         sparse = T == 1 or sparse_prefill
         mode = self.ffn_mode if sparse else "dense"
         attn_sparse = sparse and self.attn_mode == "topk"
-        x = F.embedding(ids, self.embed)
+        x = (self.embed.rows(ids.reshape(-1), self.dtype).view(B, T, -1) if isinstance(self.embed, QuantRows)
+             else F.embedding(ids, self.embed))
         if self.in_rotation is not None:
             x = self.ex.linear(x, self.in_rotation)
         nq, nkv, hd = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.head_dim

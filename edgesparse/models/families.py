@@ -31,6 +31,14 @@ class TensorNames:
     down: str = "model.layers.{i}.mlp.down_proj.weight"
 
 
+# The names llama.cpp's converter gives the same tensors in a GGUF file.
+GGUF_NAMES = TensorNames(
+    embed="token_embd.weight", norm="output_norm.weight", lm_head="output.weight",
+    attn_norm="blk.{i}.attn_norm.weight", q="blk.{i}.attn_q.weight", k="blk.{i}.attn_k.weight",
+    v="blk.{i}.attn_v.weight", o="blk.{i}.attn_output.weight", mlp_norm="blk.{i}.ffn_norm.weight",
+    gate="blk.{i}.ffn_gate.weight", up="blk.{i}.ffn_up.weight", down="blk.{i}.ffn_down.weight")
+
+
 def _no_rules(config) -> dict:
     return {}
 
@@ -43,6 +51,10 @@ class Family:
     # config -> ModelSpec fields that differ from the Llama defaults (biases, sliding window);
     # raises UnsupportedModelError for settings the decoder does not implement
     rules: Callable[[object], dict] = _no_rules
+    gguf_tensors: TensorNames = GGUF_NAMES
+    # llama.cpp's converter reorders the rows of q and k of Llama-style checkpoints (RoPE on
+    # interleaved pairs); the reader undoes it.  Families with NeoX-style RoPE keep them as is.
+    gguf_permuted_qk: bool = True
 
 
 _REGISTRY: dict[str, "Family | str"] = {

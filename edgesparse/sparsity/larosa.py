@@ -110,6 +110,19 @@ def install_topk(model, ks: dict, rot_attn=None, rot_mlp=None, scaled: bool = Fa
     if not all(isinstance(l.attn, Attention) for l in model.layers):
         raise ArtifactError("Top-K is already installed on this model")
     rotated = rot_attn is not None
+    saved = ex.weight_format
+    if rotated and saved in ("q4_0", "q4_1"):
+        # Folded weights start from the stored 4-bit values; quantising them to 4 bits again
+        # along new axes doubles the error (SmolLM2 Q4_1: the answers broke), 8 bits do not.
+        ex.weight_format = "q8_0"
+    try:
+        _install(model, ex, dt, spec, ks, rot_attn, rot_mlp, scaled)
+    finally:
+        ex.weight_format = saved
+
+
+def _install(model, ex, dt, spec, ks, rot_attn, rot_mlp, scaled):
+    rotated = rot_attn is not None
     n = spec.n_layers
     for li, layer in enumerate(model.layers):
         attn, mlp = layer.attn, layer.mlp

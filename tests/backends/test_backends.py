@@ -25,7 +25,7 @@ def test_contract(name):
     check_contract(EXECUTORS[name]())
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
 @pytest.mark.parametrize("name", list(EXECUTORS))
 def test_contract_quantised_weights(name, fmt):
     # Every backend runs block-quantised weights: cpu with its native kernels, the others

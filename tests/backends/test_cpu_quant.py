@@ -19,7 +19,7 @@ def _close(got, want, tol):
     assert (got - want).abs().max().item() <= tol * scale
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
 @pytest.mark.parametrize("n, d", SHAPES)
 def test_gemv(fmt, n, d):
     w = _q(n, d, fmt)
@@ -28,7 +28,7 @@ def test_gemv(fmt, n, d):
     _close(native.q_gemv(w, x, bias), w.rows() @ x + bias, 2e-2)
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
 @pytest.mark.parametrize("n, d", SHAPES)
 def test_weighted_rows(fmt, n, d):
     w = _q(n, d, fmt, 1)
@@ -42,7 +42,7 @@ def test_weighted_rows(fmt, n, d):
     _close(native.q_weighted_rows(w, None, coef), coef @ w.rows(), 1e-5)
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
 def test_topk_linear(fmt):
     d_in, d_out = 70, 64
     w_t = _q(d_in, d_out, fmt, 3)
@@ -52,7 +52,7 @@ def test_topk_linear(fmt):
         _close(native.q_topk_linear(w_t, x, k), x[idx] @ w_t.rows(idx), 1e-5)
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
 def test_reglu_ffn_exact_and_predictor(fmt):
     f, d, r = 150, 64, 8
     g = torch.Generator().manual_seed(5)

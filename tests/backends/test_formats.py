@@ -5,7 +5,7 @@ import torch
 from edgesparse.backends.formats import BLOCK_BYTES, QuantRows, quantizable, quantize_rows
 
 
-@pytest.mark.parametrize("fmt, worst", [("q8_0", 1 / 127), ("q4_0", 1 / 8)])
+@pytest.mark.parametrize("fmt, worst", [("q8_0", 1 / 127), ("q4_0", 1 / 8), ("q4_1", 1 / 15)])
 @pytest.mark.parametrize("n, cols", [(1, 32), (37, 96), (5, 4096)])
 def test_round_trip_error_is_bounded_per_block(fmt, worst, n, cols):
     m = torch.randn(n, cols, generator=torch.Generator().manual_seed(n))
@@ -30,7 +30,7 @@ def test_q4_0_layout_and_exact_values():
     assert q.data[0, 2].item() == (0 | (0 << 4)) and q.data[0, 3].item() == (1 | (1 << 4))
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
 def test_zero_rows_and_row_selection(fmt):
     m = torch.zeros(4, 64)
     m[2] = torch.linspace(-1, 1, 64)

@@ -156,3 +156,41 @@ static void seq_idots_i8(const int8_t *w, int64_t lo, int64_t hi, int d, const f
     }
 }
 
+
+/* q4_1: sum (s n_j + m) x_j = s * sum n_j x_j + m * sum x_j; the unsigned nibbles go straight
+ * into vpdpbusd, the min term uses the block's sum of x (four partial sums: no serial chain). */
+static inline float idot_q41(const uint8_t *restrict row, const QX *qx, int d, const uint8_t *pf) {
+    int nb = d / QK;
+    float corr[4] = {0.f, 0.f, 0.f, 0.f};
+#if defined(DPBUSD)
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = row + (int64_t)b * 20;
+        if (pf && (b & 3) == 0) PREFETCH(pf + (int64_t)b * 20);
+        uint16_t h, hm; memcpy(&h, blk, 2); memcpy(&hm, blk + 2, 2);
+        __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 4));
+        __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), m4);
+        __m256i x = _mm256_loadu_si256((const __m256i *)(qx->q + b * QK));
+        __m256i dp = DPBUSD(_mm256_setzero_si256(), w, x);
+        acc[b & 3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), _mm256_set1_ps(f16_to_f32(h) * qx->s[b]), acc[b & 3]);
+        corr[b & 3] += f16_to_f32(hm) * qx->sum8[b];
+    }
+    return hsum256(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
+           + 0.125f * (corr[0] + corr[1] + corr[2] + corr[3]);
+#else
+    float acc = 0.f;
+    if (pf) prefetch_row(pf, ROWB_q41(d));
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = row + (int64_t)b * 20;
+        uint16_t h, hm; memcpy(&h, blk, 2); memcpy(&hm, blk + 2, 2);
+        const uint8_t *q = blk + 4;
+        const int8_t *x = qx->q + b * QK;
+        int s = 0;
+        for (int j = 0; j < QK / 2; j++) s += (int)(q[j] & 15) * (int)x[j] + (int)(q[j] >> 4) * (int)x[j + 16];
+        acc += f16_to_f32(h) * qx->s[b] * (float)s;
+        corr[b & 3] += f16_to_f32(hm) * qx->sum8[b];
+    }
+    return acc + 0.125f * (corr[0] + corr[1] + corr[2] + corr[3]);
+#endif
+}

@@ -35,6 +35,7 @@ static inline float f16_to_f32(uint16_t h) {
 #define QK 32
 #define ROWB_q8(d) ((int64_t)(d) / QK * 34)
 #define ROWB_q4(d) ((int64_t)(d) / QK * 18)
+#define ROWB_q41(d) ((int64_t)(d) / QK * 20)   /* q4_1: fp16 scale, fp16 min, 16 bytes of nibbles */
 
 #include "quant_dots.h"
 
@@ -95,6 +96,23 @@ static inline void axpy_q4(float a, const uint8_t *restrict row, float *restrict
 #endif
 }
 
+/* q4_1: w_j = s * n_j + m, nibbles as in q4_0 (no offset of 8). */
+static inline void axpy_q41(float a, const uint8_t *restrict row, float *restrict y, int d, const uint8_t *pf) {
+    int nb = d / QK;
+    if (pf) prefetch_row(pf, ROWB_q41(d));
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = row + (int64_t)b * 20;
+        uint16_t h, hm; memcpy(&h, blk, 2); memcpy(&hm, blk + 2, 2);
+        const uint8_t *q = blk + 4;
+        float s = a * f16_to_f32(h), m = a * f16_to_f32(hm);
+        _Pragma("omp simd")
+        for (int j = 0; j < QK / 2; j++) {
+            y[b * QK + j] += s * (float)(q[j] & 15) + m;
+            y[b * QK + j + 16] += s * (float)(q[j] >> 4) + m;
+        }
+    }
+}
+
 #define QROW(F, w, i, d) ((w) + (int64_t)(i) * ROWB_##F(d))
 
 /* y += sum_r a[r] * row_r for four rows at once: y's 32-float slice of a block is loaded and
@@ -111,6 +129,20 @@ static inline void deq_q4(const uint8_t *blk, __m512 *w0, __m512 *w1) {
     *w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_and_si128(raw, m4), eight)));
     *w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), eight)));
 }
+static inline void deq_q41(const uint8_t *blk, __m512 *w0, __m512 *w1) {
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 4));
+    *w0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, m4)));
+    *w1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), m4)));
+}
+/* a * min of a q4_1 block (0 for the formats without one) */
+#define MIN_q8(blk, a) 0.f
+#define MIN_q4(blk, a) 0.f
+static inline float min_q41(const uint8_t *blk, float a) { uint16_t hm; memcpy(&hm, blk + 2, 2); return a * f16_to_f32(hm); }
+#define MIN_q41(blk, a) min_q41((blk), (a))
+#define HAS_MIN_q8 0
+#define HAS_MIN_q4 0
+#define HAS_MIN_q41 1
 #define DEFINE_AXPY4(F, BB)                                                                       \
     static inline void axpy4_##F(const float *a, const uint8_t *const *rows, float *restrict y, int d, \
                                  const uint8_t *const *pf) {                                     \
@@ -125,6 +157,11 @@ static inline void deq_q4(const uint8_t *blk, __m512 *w0, __m512 *w1) {
                 deq_##F(blk, &w0, &w1);                                                           \
                 y0 = _mm512_fmadd_ps(s, w0, y0);                                                  \
                 y1 = _mm512_fmadd_ps(s, w1, y1);                                                  \
+                if (HAS_MIN_##F) {                                                                \
+                    __m512 mn = _mm512_set1_ps(MIN_##F(blk, a[r]));                                \
+                    y0 = _mm512_add_ps(y0, mn);                                                   \
+                    y1 = _mm512_add_ps(y1, mn);                                                   \
+                }                                                                                 \
             }                                                                                     \
             _mm512_storeu_ps(y + b * QK, y0);                                                     \
             _mm512_storeu_ps(y + b * QK + 16, y1);                                                \
@@ -132,6 +169,7 @@ static inline void deq_q4(const uint8_t *blk, __m512 *w0, __m512 *w1) {
     }
 DEFINE_AXPY4(q8, 34)
 DEFINE_AXPY4(q4, 18)
+DEFINE_AXPY4(q41, 20)
 #else
 #define DEFINE_AXPY4(F)                                                                           \
     static inline void axpy4_##F(const float *a, const uint8_t *const *rows, float *restrict y, int d, \
@@ -140,6 +178,7 @@ DEFINE_AXPY4(q4, 18)
     }
 DEFINE_AXPY4(q8)
 DEFINE_AXPY4(q4)
+DEFINE_AXPY4(q41)
 #endif
 
 /* out[n] = W x (+ bias), one token, fp32 in and out. */
@@ -200,11 +239,12 @@ DEFINE_AXPY4(q4)
         free(coef); free(idx);                                                                    \
     }
 
-/* ReGLU FFN of one token (see es_reglu_ffn_bf16 for the passes); gate, up, down_t are rows
- * of format F, the predictor is int8 rows (qa/sa, qb/sb) or fp32 rows (a_t [r, d], b_t [F, r]),
+/* ReGLU FFN of one token (see es_reglu_ffn_bf16 for the passes); gate and up are rows of
+ * format F, down_t of format FD (a 4-bit file's down projection, re-quantised across its
+ * blocks, is kept at 8 bits), the predictor is int8 rows (qa/sa, qb/sb) or fp32 rows (a_t [r, d], b_t [F, r]),
  * each independently; no predictor at all: exact mode. */
-#define DEFINE_QFFN(F)                                                                            \
-    void es_reglu_ffn_##F(const float *x, const float *a_t, const float *b_t, const int8_t *qa,   \
+#define DEFINE_QFFN(F, FD)                                                                        \
+    void es_reglu_ffn_##F##_##FD(const float *x, const float *a_t, const float *b_t, const int8_t *qa,   \
                           const float *sa, const int8_t *qb, const float *sb, const float *pred_bias, \
                           const uint8_t *gate, const uint8_t *up, const uint8_t *down_t,          \
                           int d, int r, int f, int n_threads, float *out, int64_t *counts) {      \
@@ -246,12 +286,12 @@ DEFINE_AXPY4(q4)
             for (; k + 4 <= na; k += 4) {    /* down rows, four at a time */                      \
                 const uint8_t *rows[4], *pf[4];                                                   \
                 for (int r = 0; r < 4; r++) {                                                     \
-                    rows[r] = QROW(F, down_t, ids[k + r], d);                                     \
-                    pf[r] = k + r + lead < na ? QROW(F, down_t, ids[k + r + lead], d) : NULL;     \
+                    rows[r] = QROW(FD, down_t, ids[k + r], d);                                     \
+                    pf[r] = k + r + lead < na ? QROW(FD, down_t, ids[k + r + lead], d) : NULL;     \
                 }                                                                                 \
-                axpy4_##F(val + k, rows, part, d, pf);                                            \
+                axpy4_##FD(val + k, rows, part, d, pf);                                            \
             }                                                                                     \
-            for (; k < na; k++) axpy_##F(val[k], QROW(F, down_t, ids[k], d), part, d, NULL);      \
+            for (; k < na; k++) axpy_##FD(val[k], QROW(FD, down_t, ids[k], d), part, d, NULL);      \
             n_cand += nc;                                                                         \
             n_active += na;                                                                       \
             reduce_into(out, part, d);                                                            \
@@ -266,7 +306,12 @@ DEFINE_AXPY4(q4)
 
 DEFINE_QGEMV(q8)
 DEFINE_QGEMV(q4)
+DEFINE_QGEMV(q41)
 DEFINE_QROWS(q8)
 DEFINE_QROWS(q4)
-DEFINE_QFFN(q8)
-DEFINE_QFFN(q4)
+DEFINE_QROWS(q41)
+DEFINE_QFFN(q8, q8)
+DEFINE_QFFN(q4, q4)
+DEFINE_QFFN(q41, q41)
+DEFINE_QFFN(q4, q8)
+DEFINE_QFFN(q41, q8)

@@ -1,0 +1,117 @@
+"""GGUF weights read straight from the file, without transformers' fp32 model.
+
+The file is memory-mapped (``gguf.GGUFReader``) and read tensor by tensor:
+* Q8_0 / Q4_0 / Q4_1 blocks are the runtime's q8_0 / q4_0 / q4_1 byte for byte (fp16 scale,
+  [fp16 minimum,] then the quants, blocks along each row), so matrices whose rows are the rows the kernels stream
+  (q, k, v, o, gate, up, embeddings, lm_head) are copied as they are: no float round trip.
+* The down projection is streamed neuron-major (``W_downᵀ``), across the file's blocks: it is
+  de-quantised, transposed and quantised again, to q8_0 when the file is 4-bit.  Every other
+  type (Q4_1, K-quants, F16, ...) has no runtime twin: those are de-quantised one
+  tensor at a time and quantised to the runtime format at once, so peak memory stays near the
+  final size.
+q and k rows are put back in Hugging Face order (llama.cpp's converter permutes them for its
+RoPE), so the decoder and the RoPE tables are the same as for a safetensors checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgesparse.backends.formats import QuantRows, quantizable, quantize_rows
+from .errors import ModelFilesError
+
+ADOPTED = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
+FLOAT_TYPES = ("F32", "F16", "BF16")
+EIGHT_BIT = ("Q8_0", "Q8_1", "Q8_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K")
+
+
+def open_gguf(path: Path):
+    try:
+        from gguf import GGUFReader
+    except ImportError as e:
+        raise ModelFilesError("reading GGUF needs the 'gguf' extra: pip install edgesparse[gguf]") from e
+    try:
+        return GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError) as e:   # truncated or not a GGUF file
+        raise ModelFilesError(f"cannot read GGUF {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def default_format(reader) -> str | None:
+    """The file's own precision as a runtime format: the type of most of its matrices, mapped
+    to itself where the runtime has it (Q8_0, Q4_0, Q4_1), else q8_0 (8-, 6- and 5-bit types),
+    q4_0 (4 bits and below) or None (float files)."""
+    types = [t.tensor_type.name for t in reader.tensors if len(t.shape) == 2]
+    main = max(set(types), key=types.count) if types else "F32"
+    if main in FLOAT_TYPES:
+        return None
+    if main in ADOPTED:
+        return ADOPTED[main]
+    return "q8_0" if main in EIGHT_BIT else "q4_0"
+
+
+def _unpermute_rows(n_rows: int, n_head: int) -> torch.Tensor:
+    """Row order that undoes llama.cpp's q/k permutation: the converter wrote HF row
+    ``(head, half t, j)`` to file row ``(head, j, t)``; HF row r is file row ``perm[r]``."""
+    return torch.arange(n_rows).view(n_head, n_rows // n_head // 2, 2).transpose(1, 2).reshape(-1)
+
+
+def _float(t) -> torch.Tensor:
+    """A tensor de-quantised (or as stored, for float types) as fp32 ``[rows, cols]``."""
+    from gguf.quants import dequantize
+    typ = t.tensor_type.name
+    try:
+        arr = np.asarray(t.data) if typ in FLOAT_TYPES else dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise ModelFilesError(f"GGUF tensor {t.name} has type {typ}, which edgesparse cannot read "
+                              f"(it reads F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_*, and the K-quants)") from None
+    cols = int(t.shape[0])
+    return torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(-1, cols)   # a copy: the map is read-only
+
+
+def read_weights(path: Path, family, spec, fmt: str | None, head_fmt: str | None, dtype) -> dict:
+    """HF-named weights: QuantRows for matrices in ``fmt`` (embeddings and lm_head in
+    ``head_fmt``), float tensors of ``dtype`` for vectors and for everything when ``fmt`` is
+    None.  ``down_proj`` comes back neuron-major (``[d_ff, d]``) when it is a QuantRows."""
+    reader = open_gguf(path)
+    src, dst = family.gguf_tensors, family.tensors
+    names = {src.embed: dst.embed, src.norm: dst.norm, src.lm_head: dst.lm_head}
+    for i in range(spec.n_layers):
+        for field in ("attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down"):
+            g, h = getattr(src, field).format(i=i), getattr(dst, field).format(i=i)
+            names[g] = h
+            names[g.replace("weight", "bias")] = h.replace("weight", "bias")
+    heads, downs = {}, {dst.down.format(i=i) for i in range(spec.n_layers)}
+    for i in range(spec.n_layers):
+        for name, n in ((dst.q.format(i=i), spec.n_heads), (dst.k.format(i=i), spec.n_kv_heads)):
+            heads[name] = heads[name.replace("weight", "bias")] = n
+    out = {}
+    for t in reader.tensors:
+        hf = names.get(t.name)
+        if hf is None:        # e.g. rope_freqs: derived from the config instead
+            continue
+        typ = t.tensor_type.name
+        is_down = hf in downs
+        want = head_fmt if hf in (dst.embed, dst.lm_head) else fmt
+        if is_down and typ not in FLOAT_TYPES and want in ("q4_0", "q4_1"):
+            # Re-quantising 4-bit values across their blocks to 4 bits again doubles the error
+            # (SmolLM2: 8.8% of the down weights' norm, 35% on the logits); 8 bits keep it at ~0.5%.
+            want = "q8_0"
+        if len(t.shape) == 1:
+            val = _float(t).reshape(-1).to(dtype)
+        elif want is not None and ADOPTED.get(typ) == want and not is_down:
+            rows = int(t.shape[1])
+            data = torch.from_numpy(np.array(t.data, dtype=np.uint8)).reshape(rows, -1)
+            val = QuantRows(want, data, int(t.shape[0]))
+        else:
+            m = _float(t)
+            if is_down:
+                m = m.T.contiguous()          # neuron-major: the rows the sparse kernels read
+            val = quantize_rows(m, want) if quantizable(m, want) else m.to(dtype)
+            if is_down and not isinstance(val, QuantRows):
+                val = val.T                   # float down projections keep the HF orientation
+        if hf in heads and family.gguf_permuted_qk:
+            perm = _unpermute_rows(val.shape[0], heads[hf])
+            val = QuantRows(val.fmt, val.data[perm], val.cols) if isinstance(val, QuantRows) else val[perm]
+        out[hf] = val
+    return out
