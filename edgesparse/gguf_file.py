@@ -13,6 +13,7 @@ q and k rows are put back in Hugging Face order (llama.cpp's converter permutes 
 RoPE), so the decoder and the RoPE tables are the same as for a safetensors checkpoint."""
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +27,99 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 EIGHT_BIT = ("Q8_0", "Q8_1", "Q8_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K")
 
 
+class _Tensor:
+    """One tensor of a GGUF file: its name, type, shape (GGUF order: columns first); ``data``
+    reads its bytes from the file (``[rows, row bytes]``; ``[1, n]`` for a vector).  Plain reads,
+    not a memory map: mapped pages stay resident while the map lives and would add the whole
+    file to the process's peak memory on top of the weights copied out of it."""
+
+    def __init__(self, path, name, qtype, shape, offset, nbytes, rows):
+        self.path, self.name, self.tensor_type, self.shape = path, name, qtype, shape
+        self.offset, self.nbytes, self.rows = offset, nbytes, rows
+
+    @property
+    def data(self) -> np.ndarray:
+        return np.fromfile(self.path, dtype=np.uint8, count=self.nbytes, offset=self.offset).reshape(self.rows, -1)
+
+
+class _Reader:
+    """The tensor table of a GGUF file, its data memory-mapped.  gguf.GGUFReader also parses
+    every metadata value into numpy views (~4 s for a 49k-token vocabulary); the loader needs
+    only the tensors (config and tokenizer come from transformers, cached), so the metadata
+    is skipped over here."""
+
+    def __init__(self, path: Path):
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+        raw = np.memmap(path, dtype=np.uint8, mode="r")   # the header only: see _Tensor
+        buf = memoryview(raw)
+        pos = 0
+
+        def take(fmt):
+            nonlocal pos
+            vals = struct.unpack_from("<" + fmt, buf, pos)
+            pos += struct.calcsize("<" + fmt)
+            return vals if len(vals) > 1 else vals[0]
+
+        def string():
+            nonlocal pos
+            n = take("Q")
+            pos += n
+            return bytes(buf[pos - n:pos]).decode("utf-8", "replace")
+
+        scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+        def skip_value(vtype):
+            nonlocal pos
+            if vtype == 8:
+                string()
+            elif vtype == 9:
+                etype, n = take("I"), take("Q")
+                if etype == 8:
+                    for _ in range(n):
+                        length = take("Q")   # (not `pos += take(...)`: take moves pos itself)
+                        pos += length
+                else:
+                    pos += n * struct.calcsize(scalar[etype])
+            else:
+                pos += struct.calcsize(scalar[vtype])
+
+        if bytes(buf[:4]) != b"GGUF":
+            raise ValueError("not a GGUF file (bad magic)")
+        pos = 4
+        _, n_tensors, n_kv = take("I"), take("Q"), take("Q")   # version, tensor count, metadata count
+        alignment = 32
+        for _ in range(n_kv):
+            key, vtype = string(), take("I")
+            if key == "general.alignment":
+                alignment = take("I")
+            else:
+                skip_value(vtype)
+        infos = []
+        for _ in range(n_tensors):
+            name, n_dims = string(), take("I")
+            dims = [take("Q") for _ in range(n_dims)]
+            infos.append((name, dims, GGMLQuantizationType(take("I")), take("Q")))
+        start = -(-pos // alignment) * alignment
+        self.tensors = []
+        for name, dims, qtype, offset in infos:
+            block, size = GGML_QUANT_SIZES[qtype]
+            cols, rows = dims[0], int(np.prod(dims[1:])) if len(dims) > 1 else 1
+            nbytes = rows * cols // block * size
+            lo = start + offset
+            if lo + nbytes > len(raw):
+                raise ValueError(f"tensor {name} runs past the end of the file (truncated?)")
+            self.tensors.append(_Tensor(path, name, qtype, dims, lo, nbytes, rows))
+        buf.release()
+
+
 def open_gguf(path: Path):
     try:
-        from gguf import GGUFReader
+        import gguf  # noqa: F401
     except ImportError as e:
         raise ModelFilesError("reading GGUF needs the 'gguf' extra: pip install edgesparse[gguf]") from e
     try:
-        return GGUFReader(path)
-    except (ValueError, OSError, IndexError, KeyError) as e:   # truncated or not a GGUF file
+        return _Reader(path)
+    except (ValueError, OSError, IndexError, KeyError, struct.error) as e:   # truncated or not a GGUF file
         raise ModelFilesError(f"cannot read GGUF {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
 
@@ -61,7 +147,14 @@ def _float(t) -> torch.Tensor:
     from gguf.quants import dequantize
     typ = t.tensor_type.name
     try:
-        arr = np.asarray(t.data) if typ in FLOAT_TYPES else dequantize(t.data, t.tensor_type)
+        if typ == "F32":
+            arr = t.data.view(np.float32)
+        elif typ == "F16":
+            arr = t.data.view(np.float16)
+        elif typ == "BF16":
+            arr = (t.data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            arr = dequantize(t.data, t.tensor_type)
     except NotImplementedError:
         raise ModelFilesError(f"GGUF tensor {t.name} has type {typ}, which edgesparse cannot read "
                               f"(it reads F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_*, and the K-quants)") from None
@@ -69,11 +162,10 @@ def _float(t) -> torch.Tensor:
     return torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(-1, cols)   # a copy: the map is read-only
 
 
-def read_weights(path: Path, family, spec, fmt: str | None, head_fmt: str | None, dtype) -> dict:
+def read_weights(reader, family, spec, fmt: str | None, head_fmt: str | None, dtype) -> dict:
     """HF-named weights: QuantRows for matrices in ``fmt`` (embeddings and lm_head in
     ``head_fmt``), float tensors of ``dtype`` for vectors and for everything when ``fmt`` is
     None.  ``down_proj`` comes back neuron-major (``[d_ff, d]``) when it is a QuantRows."""
-    reader = open_gguf(path)
     src, dst = family.gguf_tensors, family.tensors
     names = {src.embed: dst.embed, src.norm: dst.norm, src.lm_head: dst.lm_head}
     for i in range(spec.n_layers):
@@ -101,7 +193,7 @@ def read_weights(path: Path, family, spec, fmt: str | None, head_fmt: str | None
             val = _float(t).reshape(-1).to(dtype)
         elif want is not None and ADOPTED.get(typ) == want and not is_down:
             rows = int(t.shape[1])
-            data = torch.from_numpy(np.array(t.data, dtype=np.uint8)).reshape(rows, -1)
+            data = torch.from_numpy(t.data).reshape(rows, -1)
             val = QuantRows(want, data, int(t.shape[0]))
         else:
             m = _float(t)

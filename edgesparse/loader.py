@@ -5,6 +5,7 @@ safetensors supplies the weights of HF checkpoint dirs."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -47,7 +48,7 @@ def load_config(p: Path):
             raw = json.loads((p / "config.json").read_text())
             family_of(raw.get("architectures"), raw.get("model_type"))   # refuse before transformers parses it
             return AutoConfig.from_pretrained(p)
-        return AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
+        return _from_gguf(p, AutoConfig, "config.json")
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         if isinstance(e, UnsupportedModelError):
             raise
@@ -59,9 +60,33 @@ def load_tokenizer(p: Path):
     try:
         if p.is_dir():
             return AutoTokenizer.from_pretrained(p)
-        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        return _from_gguf(p, AutoTokenizer, "tokenizer_config.json")
     except (OSError, ValueError) as e:
         raise ModelFilesError(f"cannot load the tokenizer of {p}: {str(e).splitlines()[0]}") from e
+
+
+def _from_gguf(p: Path, auto, marker: str):
+    """transformers' config or tokenizer of a GGUF file, derived once and then read from the
+    cache (deriving them parses the whole file in Python: ~4 s each for SmolLM2's 98 MB)."""
+    import hashlib
+    import shutil
+    import tempfile
+    from .cache import cache_dir
+    st = p.stat()
+    key = hashlib.sha256(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    kind = "config" if marker == "config.json" else "tokenizer"
+    cached = cache_dir() / "gguf" / f"{p.stem}-{key}" / kind
+    if (cached / marker).exists():
+        return auto.from_pretrained(cached)
+    obj = auto.from_pretrained(p.parent, gguf_file=p.name)
+    try:   # atomic: a concurrent loader sees the whole dir or none
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cached.parent))
+        obj.save_pretrained(tmp)
+        os.replace(tmp, cached)
+    except OSError:   # a read-only cache is not an error: the next load derives it again
+        shutil.rmtree(tmp, ignore_errors=True) if "tmp" in locals() else None
+    return obj
 
 
 def load_state_dict(p: Path) -> dict[str, torch.Tensor]:
@@ -77,14 +102,23 @@ def load_state_dict(p: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def rope_tables(config, spec: ModelSpec, family: Family, dtype):
-    """cos/sin for every position, from transformers' own RoPE initialisation for the family."""
-    import importlib
-    module, _, cls = family.rope.partition(":")
-    rotary = getattr(importlib.import_module(module), cls)(config)
-    pos = torch.arange(spec.max_positions)[None]
-    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), pos)
-    return cos[0].to(dtype), sin[0].to(dtype)
+def rope_tables(config, spec: ModelSpec, dtype):
+    """cos/sin for every position, computed as transformers' rotary embeddings do: the default
+    inverse frequencies, or transformers' own initialiser for a scaled ``rope_type`` (linear,
+    yarn, llama3, longrope, ...).  Only ``modeling_rope_utils`` is imported: the families'
+    modeling modules would add ~190 MB of resident memory for one table."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        inv_freq = 1.0 / (theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float) / spec.head_dim))
+        scale = 1.0
+    else:
+        inv_freq, scale = ROPE_INIT_FUNCTIONS[kind](config, "cpu")
+    freqs = torch.arange(spec.max_positions).float()[:, None] * inv_freq.float()[None]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def build_model(config, sd: dict, ex: Executor, dtype, family: Family | None = None) -> DecoderModel:
@@ -96,8 +130,8 @@ def build_model(config, sd: dict, ex: Executor, dtype, family: Family | None = N
     spec = spec_from_config(config, family)
     names = family.tensors
 
-    def w(name, required=True):
-        t = sd.get(name)
+    def w(name, required=True):   # popped: each checkpoint tensor is freed once placed
+        t = sd.pop(name, None)
         if t is None and required:
             raise ModelFilesError(f"weight {name} missing from the checkpoint")
         return t if t is None or isinstance(t, QuantRows) else t.to(dtype)
@@ -118,8 +152,8 @@ def build_model(config, sd: dict, ex: Executor, dtype, family: Family | None = N
                         spec.act)
         layers.append(Layer(attn, mlp))
     embed = ex.place_matrix(w(names.embed), fmt=False)   # QuantRows stay blocks; float stays float
-    head = embed if spec.tied or names.lm_head not in sd else ex.place(w(names.lm_head))
-    cos, sin = rope_tables(config, spec, family, dtype)
+    head = embed if spec.tied or names.lm_head not in sd else ex.place_matrix(w(names.lm_head), fmt=False)
+    cos, sin = rope_tables(config, spec, dtype)
     return DecoderModel(spec=spec, ex=ex, embed=embed, layers=layers, norm=ex.place(w(names.norm)),
                         lm_head=ex.prepare_linear(head, fmt=HEAD_FORMAT.get(ex.weight_format)),
                         cos=ex.place(cos), sin=ex.place(sin))
@@ -158,8 +192,9 @@ def load_model(path, backend: str = "auto", dtype=None, weights: str | None = No
     tok = load_tokenizer(p)
     if p.suffix == ".gguf":
         from .gguf_file import default_format, open_gguf, read_weights
-        fmt = default_format(open_gguf(p)) if weights is None else (None if weights in FLOAT_WEIGHTS else weights)
-        sd = read_weights(p, family, spec, fmt, HEAD_FORMAT.get(fmt), dtype)
+        reader = open_gguf(p)
+        fmt = default_format(reader) if weights is None else (None if weights in FLOAT_WEIGHTS else weights)
+        sd = read_weights(reader, family, spec, fmt, HEAD_FORMAT.get(fmt), dtype)
     else:
         fmt = weights if weights in QUANT_WEIGHTS else None
         sd = load_state_dict(p)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from edgesparse.cache import cache_dir
+
 from ..formats import QuantRows
 
 CSRC = Path(__file__).parent / "csrc"
@@ -43,12 +45,6 @@ _SIGNATURES = {
 }
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("EDGESPARSE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "edgesparse")
-    return Path(base)
-
-
 def _build() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("EDGESPARSE_NATIVE", "1") == "0":
         return None, "disabled by EDGESPARSE_NATIVE=0"
@@ -57,7 +53,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         return None, "no C compiler found (torch ops in use)"
     src = b"".join(p.read_bytes() for p in sorted(CSRC.glob("*.[ch]")))   # any edit rebuilds
     key = hashlib.sha256(src + platform.machine().encode() + platform.node().encode()).hexdigest()[:16]
-    out = _cache_dir() / f"sparse_rows-{key}.so"
+    out = cache_dir() / f"sparse_rows-{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:

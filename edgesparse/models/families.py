@@ -1,7 +1,8 @@
 """Model families: what differs between checkpoints that share the Llama decoder layout.
 
 A family is one module under ``edgesparse/models/`` that defines ``FAMILY``: its checkpoint
-tensor names, its RoPE initialisation (taken from transformers) and its config rules.  The
+tensor names (safetensors and GGUF) and its config rules.  RoPE comes from the config's
+``rope_type`` through transformers' initialisers, the same for every family.  The
 registry maps HF architecture names to those modules and imports them on first use, so
 adding a family is one module plus one line here, or ``register_family`` from outside."""
 from __future__ import annotations
@@ -46,7 +47,6 @@ def _no_rules(config) -> dict:
 @dataclass(frozen=True)
 class Family:
     name: str                 # what ModelSpec.family reads, e.g. "llama"
-    rope: str                 # "module:Class" of the transformers rotary embedding to take cos/sin from
     tensors: TensorNames = field(default_factory=TensorNames)
     # config -> ModelSpec fields that differ from the Llama defaults (biases, sliding window);
     # raises UnsupportedModelError for settings the decoder does not implement

@@ -3,4 +3,4 @@ from __future__ import annotations
 
 from .families import Family
 
-FAMILY = Family(name="llama", rope="transformers.models.llama.modeling_llama:LlamaRotaryEmbedding")
+FAMILY = Family(name="llama")

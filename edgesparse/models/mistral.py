@@ -3,5 +3,4 @@ from __future__ import annotations
 
 from .families import Family
 
-FAMILY = Family(name="mistral", rope="transformers.models.mistral.modeling_mistral:MistralRotaryEmbedding",
-                rules=lambda c: dict(sliding_window=getattr(c, "sliding_window", None)))
+FAMILY = Family(name="mistral", rules=lambda c: dict(sliding_window=getattr(c, "sliding_window", None)))

@@ -12,5 +12,4 @@ def _rules(config) -> dict:
     return dict(qkv_bias=True, o_bias=False)
 
 
-FAMILY = Family(name="qwen2", rope="transformers.models.qwen2.modeling_qwen2:Qwen2RotaryEmbedding", rules=_rules,
-                gguf_permuted_qk=False)
+FAMILY = Family(name="qwen2", rules=_rules, gguf_permuted_qk=False)

@@ -22,7 +22,7 @@ TOY_NAMES = TensorNames(
     attn_norm="blocks.{i}.ln_attn.scale", q="blocks.{i}.attn.wq.weight", k="blocks.{i}.attn.wk.weight",
     v="blocks.{i}.attn.wv.weight", o="blocks.{i}.attn.wo.weight", mlp_norm="blocks.{i}.ln_mlp.scale",
     gate="blocks.{i}.ffn.w1.weight", up="blocks.{i}.ffn.w3.weight", down="blocks.{i}.ffn.w2.weight")
-TOY = Family(name="toy", rope="transformers.models.llama.modeling_llama:LlamaRotaryEmbedding", tensors=TOY_NAMES)
+TOY = Family(name="toy", tensors=TOY_NAMES)
 
 
 def _rename(hf_name: str) -> str:
