@@ -61,3 +61,12 @@ def test_cli_weights_flag():
     assert json.loads(r.stdout)["tokens"] >= 1
     r = run("generate", "tiny", "--prompt", "x", "--weights", "q5_k")
     assert r.returncode == 2 and "invalid choice" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_file_that_is_not_gguf_is_a_clear_error(tmp_path):
+    from edgesparse.errors import ModelFilesError
+    from edgesparse.gguf_file import open_gguf
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"NOTGGUF" + bytes(100))
+    with pytest.raises(ModelFilesError, match="bad magic"):
+        open_gguf(bad)
