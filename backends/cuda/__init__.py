@@ -11,7 +11,7 @@ import torch
 
 from ..reference import TorchExecutor
 from ..formats import QuantRows
-from ..interface import FFNWeights, PredictorWeights, TopKWeights, topk_indices
+from ..interface import FFNWeights, PredictorWeights, TopKWeights, activate, topk_indices
 
 
 @functools.lru_cache(maxsize=1)
@@ -29,10 +29,10 @@ class CudaExecutor(TorchExecutor):
 
     def __init__(self, device, use_triton: bool | None = None):
         super().__init__(device)
-        self.kernels = None
+        self.kernels = self.qkernels = None
         if use_triton if use_triton is not None else triton_status()[0]:
-            from . import kernels
-            self.kernels = kernels
+            from . import kernels, quant_kernels
+            self.kernels, self.qkernels = kernels, quant_kernels
 
     @classmethod
     def availability(cls):
@@ -53,23 +53,52 @@ class CudaExecutor(TorchExecutor):
             torch.cuda.synchronize(self.device)
 
     # -- sparse ops as Triton kernels (fall back to the torch versions without Triton) -------
-    # Block-quantised weights (QuantRows) take the reference's de-quantise-on-gather ops: the
-    # Triton kernels read float rows only (Triton q8_0/q4_0 kernels are not written yet).
+    # Float weights: kernels.py.  Block-quantised weights (QuantRows): quant_kernels.py, two
+    # gather kernels the quantised ops below compose (the fused float ReGLU kernel is not
+    # written for blocks: quantised ReGLU decode takes the interface's composition of them).
     def _triton(self, w) -> bool:
         return self.kernels is not None and not isinstance(w, QuantRows)
 
+    def _quant(self, *ws) -> bool:
+        return self.qkernels is not None and all(isinstance(w, QuantRows) for w in ws)
+
+    def _all(self, w):
+        return torch.arange(w.shape[0], device=self.device)
+
+    def linear(self, x, w):
+        if not self._quant(w.weight):
+            return super().linear(x, w)
+        flat = x.reshape(-1, x.shape[-1])
+        out = self.qkernels.rows_dot(flat, w.weight, self._all(w.weight)).to(x.dtype)
+        out = out if w.bias is None else out + w.bias
+        return out.view(*x.shape[:-1], -1)
+
+    def ffn_dense(self, x, w: FFNWeights):
+        if not self._quant(w.gate, w.up, w.down_t) or x.dim() != 2:
+            return super().ffn_dense(x, w)
+        qk, rows = self.qkernels, self._all(w.gate)
+        h = activate(qk.rows_dot(x, w.gate, rows), w.act) * qk.rows_dot(x, w.up, rows)
+        return qk.rows_matvec(h, w.down_t, rows).to(x.dtype)
+
     def gate_rows(self, x, w: FFNWeights, idx):
+        if self._quant(w.gate):
+            return self.qkernels.rows_dot(x, w.gate, idx).to(x.dtype)
         if not self._triton(w.gate):
             return super().gate_rows(x, w, idx)
         return self.kernels.gate_up_act(x, w.gate, None, idx).to(x.dtype)
 
     def up_down_rows(self, x, h, w: FFNWeights, idx):
+        if self._quant(w.up, w.down_t):
+            u = self.qkernels.rows_dot(x, w.up, idx)
+            return self.qkernels.rows_matvec(h.float() * u, w.down_t, idx).to(x.dtype)
         if not self._triton(w.gate):
             return super().up_down_rows(x, h, w, idx)
         u = self.kernels.gate_up_act(x, w.up, None, idx)
         return self.kernels.rows_matvec(h.float() * u, w.down_t, idx).to(x.dtype)
 
     def ffn_active(self, x, w: FFNWeights, idx):
+        if self._quant(w.gate):
+            return super().ffn_active(x, w, idx)   # gate_rows + up_down_rows above
         if not self._triton(w.gate):
             return super().ffn_active(x, w, idx)
         h = self.kernels.gate_up_act(x, w.gate, w.up, idx, w.act)
@@ -77,7 +106,8 @@ class CudaExecutor(TorchExecutor):
 
     def topk_linear(self, x, w: TopKWeights, k=None):
         k = w.k if k is None else k
-        if not self._triton(w.weight_t) or k >= w.weight_t.shape[0] or x.shape[0] > 8:
+        quant = self._quant(w.weight_t)
+        if not (quant or self._triton(w.weight_t)) or k >= w.weight_t.shape[0] or x.shape[0] > 8:
             return super().topk_linear(x, w, k)
         sel = topk_indices(x, k)
         if x.shape[0] == 1:
@@ -87,7 +117,8 @@ class CudaExecutor(TorchExecutor):
             keep = torch.zeros_like(x, dtype=torch.bool).scatter_(1, sel, True)
             rows = keep.any(0).nonzero().flatten()
             coef = x[:, rows] * keep[:, rows]
-        out = self.kernels.rows_matvec(coef, w.weight_t, rows).to(x.dtype)
+        matvec = self.qkernels.rows_matvec if quant else self.kernels.rows_matvec
+        out = matvec(coef, w.weight_t, rows).to(x.dtype)
         return out if w.bias is None else out + w.bias
 
     def reglu_sparse(self, x, w: FFNWeights, p: PredictorWeights | None):
