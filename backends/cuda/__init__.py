@@ -31,8 +31,8 @@ class CudaExecutor(TorchExecutor):
         super().__init__(device)
         self.kernels = self.qkernels = None
         if use_triton if use_triton is not None else triton_status()[0]:
-            from . import kernels, quant_kernels
-            self.kernels, self.qkernels = kernels, quant_kernels
+            from . import kernels, row_kernels
+            self.kernels, self.qkernels = kernels, row_kernels
 
     @classmethod
     def availability(cls):
@@ -53,7 +53,7 @@ class CudaExecutor(TorchExecutor):
             torch.cuda.synchronize(self.device)
 
     # -- sparse ops as Triton kernels (fall back to the torch versions without Triton) -------
-    # Float weights: kernels.py.  Block-quantised weights (QuantRows): quant_kernels.py, two
+    # Float weights: kernels.py.  Block-quantised weights (QuantRows): row_kernels.py, two
     # gather kernels the quantised ops below compose (the fused float ReGLU kernel is not
     # written for blocks: quantised ReGLU decode takes the interface's composition of them).
     def _triton(self, w) -> bool:

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .row_kernels import _b_pad, gate_up_act, rows_matvec  # noqa: F401  (gather kernels shared with the block formats)
+
 
 @triton.jit
 def _score_compact_kernel(t_ptr, b_ptr, bias_ptr, out_idx_ptr, count_ptr, R, F,
@@ -45,60 +47,6 @@ def _score_compact_kernel(t_ptr, b_ptr, bias_ptr, out_idx_ptr, count_ptr, R, F,
     base = tl.atomic_add(count_ptr, n)
     slot = base + tl.cumsum(hit_i, axis=0) - 1
     tl.store(out_idx_ptr + slot, cols, mask=hit)
-
-
-@triton.jit
-def _gate_up_act_kernel(x_ptr, gate_ptr, up_ptr, idx_ptr, h_ptr, B, D, N, HAS_UP: tl.constexpr,
-                        ACT: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    j = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    jmask = j < N
-    rows = tl.load(idx_ptr + j, mask=jmask, other=0).to(tl.int64)
-    bs = tl.arange(0, B_PAD)
-    bmask = bs < B
-    g = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
-    u = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        dmask = ds < D
-        x = tl.load(x_ptr + bs[:, None] * D + ds[None, :], mask=bmask[:, None] & dmask[None, :],
-                    other=0.0).to(tl.float32)
-        wmask = jmask[:, None] & dmask[None, :]
-        wg = tl.load(gate_ptr + rows[:, None] * D + ds[None, :], mask=wmask, other=0.0).to(tl.float32)
-        g += tl.sum(x[:, None, :] * wg[None, :, :], axis=2)
-        if HAS_UP:
-            wu = tl.load(up_ptr + rows[:, None] * D + ds[None, :], mask=wmask, other=0.0).to(tl.float32)
-            u += tl.sum(x[:, None, :] * wu[None, :, :], axis=2)
-    if HAS_UP:
-        if ACT == 0:
-            a = tl.maximum(g, 0.0)
-        else:
-            a = g / (1.0 + tl.exp(-g))
-        res = a * u
-    else:
-        res = g
-    tl.store(h_ptr + bs[:, None] * N + j[None, :], res, mask=bmask[:, None] & jmask[None, :])
-
-
-@triton.jit
-def _rows_matvec_kernel(c_ptr, w_ptr, idx_ptr, out_ptr, B, N, D,
-                        B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    ds = pid * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = ds < D
-    bs = tl.arange(0, B_PAD)
-    bmask = bs < B
-    acc = tl.zeros((B_PAD, BLOCK_D), dtype=tl.float32)
-    for j0 in range(0, N, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)
-        jmask = j < N
-        rows = tl.load(idx_ptr + j, mask=jmask, other=0).to(tl.int64)
-        w = tl.load(w_ptr + rows[:, None] * D + ds[None, :], mask=jmask[:, None] & dmask[None, :],
-                    other=0.0).to(tl.float32)
-        c = tl.load(c_ptr + bs[:, None] * N + j[None, :], mask=bmask[:, None] & jmask[None, :],
-                    other=0.0).to(tl.float32)
-        acc += tl.sum(c[:, :, None] * w[None, :, :], axis=1)
-    tl.store(out_ptr + bs[:, None] * D + ds[None, :], acc, mask=bmask[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -177,10 +125,6 @@ def reglu_ffn(x, gate, up, down_t, t=None, b=None, bias=None):
     return out, counts[0], counts[1]
 
 
-def _b_pad(b: int) -> int:
-    return max(2, triton.next_power_of_2(b))
-
-
 def score_compact(t: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Indices (int32, unordered) of neurons with ``t @ b + bias > 0`` for one token ``t [r]``."""
     r, f = b.shape
@@ -190,31 +134,3 @@ def score_compact(t: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> torch
     _score_compact_kernel[(triton.cdiv(f, BLOCK_F),)](t.contiguous(), b, bias, out, count, r, f,
                                                       BLOCK_R=32, BLOCK_F=BLOCK_F)
     return out[:int(count.item())]
-
-
-def gate_up_act(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | None, idx: torch.Tensor, act: str = "relu"):
-    """``act(x @ gate[idx].T) * (x @ up[idx].T)`` -> fp32 ``[B, len(idx)]``; with ``up=None``
-    just the gathered dot products ``x @ gate[idx].T``."""
-    bsz, d = x.shape
-    n = idx.numel()
-    h = torch.empty(bsz, n, dtype=torch.float32, device=x.device)
-    if n == 0:
-        return h
-    BLOCK_N = 32
-    _gate_up_act_kernel[(triton.cdiv(n, BLOCK_N),)](x.contiguous(), gate, gate if up is None else up,
-                                                    idx.contiguous(), h, bsz, d, n, HAS_UP=up is not None, ACT=0 if act == "relu" else 1, B_PAD=_b_pad(bsz),
-                                                    BLOCK_N=BLOCK_N, BLOCK_D=64)
-    return h
-
-
-def rows_matvec(c: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``c [B, n] @ w[idx]`` -> fp32 ``[B, D]``, reading only rows ``idx`` of ``w [*, D]``."""
-    bsz, n = c.shape
-    d = w.shape[1]
-    out = torch.zeros(bsz, d, dtype=torch.float32, device=w.device)
-    if n == 0:
-        return out
-    BLOCK_D = 64
-    _rows_matvec_kernel[(triton.cdiv(d, BLOCK_D),)](c.contiguous(), w, idx.contiguous(), out, bsz, n, d,
-                                                    B_PAD=_b_pad(bsz), BLOCK_N=32, BLOCK_D=BLOCK_D)
-    return out

@@ -6,7 +6,7 @@ import torch
 
 from edgesparse.backends.formats import quantize_rows
 
-qk = pytest.importorskip("edgesparse.backends.cuda.quant_kernels")
+qk = pytest.importorskip("edgesparse.backends.cuda.row_kernels")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -1,16 +1,17 @@
-"""Triton kernels over block-quantised rows (``formats.QuantRows``: q8_0, q4_0, q4_1), the
-gather ops of the cuda backend for those weights.  Each de-quantises only the blocks of the
-rows it reads, in registers, and accumulates in fp32:
+"""Triton gather kernels over weight rows of any format: float tensors and block-quantised
+``formats.QuantRows`` (q8_0, q4_0, q4_1).  Each reads (and de-quantises, in registers) only the
+rows it is given and accumulates in fp32:
 
-* ``rows_dot``    – ``out[b, i] = x[b] · W[idx[i]]``: gate / up rows of chosen neurons, and with
-                    every row the dense linear;
+* ``gate_up_act`` – ``act(x·gate[i]) * (x·up[i])`` for chosen neurons i; ``rows_dot`` the bare
+                    ``x · W[idx[i]]`` (gate rows, and with every row the dense linear);
 * ``rows_matvec`` – ``out[b] = Σ_j c[b, j] · W[idx[j]]``: the down projection over active
                     neurons (W = W_downᵀ) and the Top-K linear (W = Wᵀ).
 
 A weight at column d of a row sits in block d // 32: its fp16 scale at the block's first two
 bytes (q4_1: its fp16 minimum at the next two), q8_0's int8 at byte 2 + d % 32, q4_0/q4_1's
-nibble in byte (header + d % 16), low half for d % 32 < 16.  Tested under the interpreter
-(TRITON_INTERPRET=1) against the de-quantising torch reference; not yet run on a GPU."""
+nibble in byte (header + d % 16), low half for d % 32 < 16.  The float row sum is
+the one ``kernels.rows_matvec`` runs.  Tested under the interpreter (TRITON_INTERPRET=1)
+against the de-quantising torch reference; the block formats never ran on a GPU."""
 from __future__ import annotations
 
 import torch
@@ -20,11 +21,14 @@ import triton.language as tl
 from ..formats import BLOCK_BYTES
 
 FORMAT_ID = {"q8_0": 0, "q4_0": 1, "q4_1": 2}
+FLOAT = 3   # a float tensor: ROWB is then the row length in elements
 
 
 @triton.jit
 def _weights(w_ptr, rows, ds, mask, ROWB, FMT: tl.constexpr):
     """De-quantised fp32 weights W[rows[:, None], ds[None, :]] (``mask`` where valid)."""
+    if FMT == 3:
+        return tl.load(w_ptr + rows[:, None] * ROWB + ds[None, :], mask=mask, other=0.0).to(tl.float32)
     BB: tl.constexpr = 34 if FMT == 0 else (18 if FMT == 1 else 20)
     base = rows[:, None] * ROWB + (ds // 32)[None, :] * BB
     lo = tl.load(w_ptr + base, mask=mask, other=0).to(tl.uint16)
@@ -48,23 +52,35 @@ def _weights(w_ptr, rows, ds, mask, ROWB, FMT: tl.constexpr):
 
 
 @triton.jit
-def _rows_dot_kernel(x_ptr, w_ptr, idx_ptr, out_ptr, B, D, N, ROWB, FMT: tl.constexpr, B_PAD: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gate_up_act_kernel(x_ptr, gate_ptr, up_ptr, idx_ptr, h_ptr, B, D, N, ROWB, FMT: tl.constexpr,
+                        HAS_UP: tl.constexpr, ACT: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     j = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     jmask = j < N
     rows = tl.load(idx_ptr + j, mask=jmask, other=0).to(tl.int64)
     bs = tl.arange(0, B_PAD)
     bmask = bs < B
-    acc = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
+    g = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
+    u = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         dmask = ds < D
         x = tl.load(x_ptr + bs[:, None] * D + ds[None, :], mask=bmask[:, None] & dmask[None, :],
                     other=0.0).to(tl.float32)
-        w = _weights(w_ptr, rows, ds, jmask[:, None] & dmask[None, :], ROWB, FMT)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-    tl.store(out_ptr + bs[:, None] * N + j[None, :], acc, mask=bmask[:, None] & jmask[None, :])
+        wmask = jmask[:, None] & dmask[None, :]
+        g += tl.sum(x[:, None, :] * _weights(gate_ptr, rows, ds, wmask, ROWB, FMT)[None, :, :], axis=2)
+        if HAS_UP:
+            u += tl.sum(x[:, None, :] * _weights(up_ptr, rows, ds, wmask, ROWB, FMT)[None, :, :], axis=2)
+    if HAS_UP:
+        if ACT == 0:
+            a = tl.maximum(g, 0.0)
+        else:
+            a = g / (1.0 + tl.exp(-g))
+        res = a * u
+    else:
+        res = g
+    tl.store(h_ptr + bs[:, None] * N + j[None, :], res, mask=bmask[:, None] & jmask[None, :])
 
 
 @triton.jit
@@ -91,27 +107,42 @@ def _b_pad(b: int) -> int:
     return max(1, triton.next_power_of_2(b))
 
 
-def rows_dot(x: torch.Tensor, w, idx: torch.Tensor) -> torch.Tensor:
-    """``x [B, D] @ W[idx].T`` -> fp32 ``[B, len(idx)]`` for a QuantRows ``W``."""
+def _layout(w):
+    """(data, row stride, format id) of a weight: bytes per row for blocks, elements for float."""
+    if isinstance(w, torch.Tensor):
+        return w, w.shape[1], FLOAT
+    return w.data, w.cols // 32 * BLOCK_BYTES[w.fmt], FORMAT_ID[w.fmt]
+
+
+def gate_up_act(x: torch.Tensor, gate, up, idx: torch.Tensor, act: str = "relu") -> torch.Tensor:
+    """``act(x @ gate[idx].T) * (x @ up[idx].T)`` -> fp32 ``[B, len(idx)]``; with ``up=None``
+    just the gathered dot products ``x @ gate[idx].T``.  gate and up share one format."""
     bsz, d = x.shape
     n = idx.numel()
-    out = torch.empty(bsz, n, dtype=torch.float32, device=x.device)
+    h = torch.empty(bsz, n, dtype=torch.float32, device=x.device)
     if n == 0:
-        return out
-    _rows_dot_kernel[(triton.cdiv(n, 32),)](x.contiguous(), w.data, idx.contiguous(), out, bsz, d, n,
-                                            d // 32 * BLOCK_BYTES[w.fmt], FMT=FORMAT_ID[w.fmt],
-                                            B_PAD=_b_pad(bsz), BLOCK_N=32, BLOCK_D=64)
-    return out
+        return h
+    data, rowb, fmt = _layout(gate)
+    up_data = data if up is None else _layout(up)[0]
+    _gate_up_act_kernel[(triton.cdiv(n, 32),)](x.contiguous(), data, up_data, idx.contiguous(), h, bsz, d, n, rowb,
+                                               FMT=fmt, HAS_UP=up is not None, ACT=0 if act == "relu" else 1,
+                                               B_PAD=_b_pad(bsz), BLOCK_N=32, BLOCK_D=64)
+    return h
+
+
+def rows_dot(x: torch.Tensor, w, idx: torch.Tensor) -> torch.Tensor:
+    """``x [B, D] @ W[idx].T`` -> fp32 ``[B, len(idx)]``."""
+    return gate_up_act(x, w, None, idx)
 
 
 def rows_matvec(c: torch.Tensor, w, idx: torch.Tensor) -> torch.Tensor:
-    """``c [B, n] @ W[idx]`` -> fp32 ``[B, D]`` for a QuantRows ``W``, reading rows ``idx`` only."""
+    """``c [B, n] @ W[idx]`` -> fp32 ``[B, D]``, reading rows ``idx`` only."""
     bsz, n = c.shape
-    d = w.cols
+    d = w.shape[1]
     out = torch.zeros(bsz, d, dtype=torch.float32, device=c.device)
     if n == 0:
         return out
-    _rows_matvec_kernel[(triton.cdiv(d, 64),)](c.contiguous(), w.data, idx.contiguous(), out, bsz, n, d,
-                                               d // 32 * BLOCK_BYTES[w.fmt], FMT=FORMAT_ID[w.fmt],
+    data, rowb, fmt = _layout(w)
+    _rows_matvec_kernel[(triton.cdiv(d, 64),)](c.contiguous(), data, idx.contiguous(), out, bsz, n, d, rowb, FMT=fmt,
                                                B_PAD=_b_pad(bsz), BLOCK_N=32, BLOCK_D=64)
     return out
