@@ -39,85 +39,12 @@ static inline float f16_to_f32(uint16_t h) {
 
 #include "quant_dots.h"
 
-static inline void axpy_q8(float a, const uint8_t *restrict row, float *restrict y, int d, const uint8_t *pf) {
-    int nb = d / QK;
-#if defined(__AVX512F__)
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = row + (int64_t)b * 34;
-        if (pf && (b & 1) == 0) PREFETCH(pf + (int64_t)b * 34);
-        uint16_t h; memcpy(&h, blk, 2);
-        __m512 s = _mm512_set1_ps(a * f16_to_f32(h));
-        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
-        __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18))));
-        _mm512_storeu_ps(y + b * QK, _mm512_fmadd_ps(s, w0, _mm512_loadu_ps(y + b * QK)));
-        _mm512_storeu_ps(y + b * QK + 16, _mm512_fmadd_ps(s, w1, _mm512_loadu_ps(y + b * QK + 16)));
-    }
-#else
-    if (pf) prefetch_row(pf, ROWB_q8(d));
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = row + (int64_t)b * 34;
-        uint16_t h; memcpy(&h, blk, 2);
-        const int8_t *q = (const int8_t *)(blk + 2);
-        float s = a * f16_to_f32(h);
-        _Pragma("omp simd")
-        for (int j = 0; j < QK; j++) y[b * QK + j] += s * (float)q[j];
-    }
-#endif
-}
-
-static inline void axpy_q4(float a, const uint8_t *restrict row, float *restrict y, int d, const uint8_t *pf) {
-    int nb = d / QK;
-#if defined(__AVX512F__)
-    const __m128i m4 = _mm_set1_epi8(0x0f), eight = _mm_set1_epi8(8);
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = row + (int64_t)b * 18;
-        if (pf && (b & 3) == 0) PREFETCH(pf + (int64_t)b * 18);
-        uint16_t h; memcpy(&h, blk, 2);
-        __m512 s = _mm512_set1_ps(a * f16_to_f32(h));
-        __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 2));
-        __m128i lo = _mm_sub_epi8(_mm_and_si128(raw, m4), eight);
-        __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), eight);
-        _mm512_storeu_ps(y + b * QK, _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), _mm512_loadu_ps(y + b * QK)));
-        _mm512_storeu_ps(y + b * QK + 16, _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), _mm512_loadu_ps(y + b * QK + 16)));
-    }
-#else
-    if (pf) prefetch_row(pf, ROWB_q4(d));
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = row + (int64_t)b * 18;
-        uint16_t h; memcpy(&h, blk, 2);
-        const uint8_t *q = blk + 2;
-        float s = a * f16_to_f32(h);
-        _Pragma("omp simd")
-        for (int j = 0; j < QK / 2; j++) {
-            y[b * QK + j] += s * (float)((q[j] & 15) - 8);
-            y[b * QK + j + 16] += s * (float)((q[j] >> 4) - 8);
-        }
-    }
-#endif
-}
-
-/* q4_1: w_j = s * n_j + m, nibbles as in q4_0 (no offset of 8). */
-static inline void axpy_q41(float a, const uint8_t *restrict row, float *restrict y, int d, const uint8_t *pf) {
-    int nb = d / QK;
-    if (pf) prefetch_row(pf, ROWB_q41(d));
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = row + (int64_t)b * 20;
-        uint16_t h, hm; memcpy(&h, blk, 2); memcpy(&hm, blk + 2, 2);
-        const uint8_t *q = blk + 4;
-        float s = a * f16_to_f32(h), m = a * f16_to_f32(hm);
-        _Pragma("omp simd")
-        for (int j = 0; j < QK / 2; j++) {
-            y[b * QK + j] += s * (float)(q[j] & 15) + m;
-            y[b * QK + j + 16] += s * (float)(q[j] >> 4) + m;
-        }
-    }
-}
-
 #define QROW(F, w, i, d) ((w) + (int64_t)(i) * ROWB_##F(d))
 
-/* y += sum_r a[r] * row_r for four rows at once: y's 32-float slice of a block is loaded and
- * stored once per four rows instead of once per row (the stores, not the arithmetic, bound
- * the one-row loop here).  Other targets: four one-row calls. */
+/* Row sums y += sum_r a[r] * row_r (fp32).  On AVX-512 one kernel serves one row (tails) and
+ * four rows at once (the bulk): y's 32-float slice of a block is loaded and stored once per
+ * four rows instead of once per row (the stores, not the arithmetic, bound the one-row loop
+ * here).  Elsewhere: a plain C loop per row. */
 #if defined(__AVX512F__)
 static inline void deq_q8(const uint8_t *blk, __m512 *w0, __m512 *w1) {
     *w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
@@ -143,13 +70,13 @@ static inline float min_q41(const uint8_t *blk, float a) { uint16_t hm; memcpy(&
 #define HAS_MIN_q8 0
 #define HAS_MIN_q4 0
 #define HAS_MIN_q41 1
-#define DEFINE_AXPY4(F, BB)                                                                       \
-    static inline void axpy4_##F(const float *a, const uint8_t *const *rows, float *restrict y, int d, \
-                                 const uint8_t *const *pf) {                                     \
+#define DEFINE_AXPY(F, BB)                                                                        \
+    static inline void axpyn_##F(int nr, const float *a, const uint8_t *const *rows, float *restrict y, \
+                                 int d, const uint8_t *const *pf) {                              \
         int nb = d / QK;                                                                          \
         for (int b = 0; b < nb; b++) {                                                            \
             __m512 y0 = _mm512_loadu_ps(y + b * QK), y1 = _mm512_loadu_ps(y + b * QK + 16);       \
-            for (int r = 0; r < 4; r++) {                                                         \
+            for (int r = 0; r < nr; r++) {                                                        \
                 const uint8_t *blk = rows[r] + (int64_t)b * BB;                                   \
                 if (pf[r] && (b & 1) == 0) PREFETCH(pf[r] + (int64_t)b * BB);                     \
                 uint16_t h; memcpy(&h, blk, 2);                                                   \
@@ -166,11 +93,59 @@ static inline float min_q41(const uint8_t *blk, float a) { uint16_t hm; memcpy(&
             _mm512_storeu_ps(y + b * QK, y0);                                                     \
             _mm512_storeu_ps(y + b * QK + 16, y1);                                                \
         }                                                                                         \
+    }                                                                                             \
+    static inline void axpy_##F(float a, const uint8_t *row, float *restrict y, int d,            \
+                                const uint8_t *pf) {                                             \
+        axpyn_##F(1, &a, &row, y, d, &pf);                                                        \
+    }                                                                                             \
+    static inline void axpy4_##F(const float *a, const uint8_t *const *rows, float *restrict y,   \
+                                 int d, const uint8_t *const *pf) {                              \
+        axpyn_##F(4, a, rows, y, d, pf);                                                          \
     }
-DEFINE_AXPY4(q8, 34)
-DEFINE_AXPY4(q4, 18)
-DEFINE_AXPY4(q41, 20)
+DEFINE_AXPY(q8, 34)
+DEFINE_AXPY(q4, 18)
+DEFINE_AXPY(q41, 20)
 #else
+/* One row: w_j = s * q_j (q8_0), s * (n_j - 8) (q4_0), s * n_j + m (q4_1). */
+static inline void axpy_q8(float a, const uint8_t *restrict row, float *restrict y, int d, const uint8_t *pf) {
+    if (pf) prefetch_row(pf, ROWB_q8(d));
+    for (int b = 0; b < d / QK; b++) {
+        const uint8_t *blk = row + (int64_t)b * 34;
+        uint16_t h; memcpy(&h, blk, 2);
+        const int8_t *q = (const int8_t *)(blk + 2);
+        float s = a * f16_to_f32(h);
+        _Pragma("omp simd")
+        for (int j = 0; j < QK; j++) y[b * QK + j] += s * (float)q[j];
+    }
+}
+static inline void axpy_q4(float a, const uint8_t *restrict row, float *restrict y, int d, const uint8_t *pf) {
+    if (pf) prefetch_row(pf, ROWB_q4(d));
+    for (int b = 0; b < d / QK; b++) {
+        const uint8_t *blk = row + (int64_t)b * 18;
+        uint16_t h; memcpy(&h, blk, 2);
+        const uint8_t *q = blk + 2;
+        float s = a * f16_to_f32(h);
+        _Pragma("omp simd")
+        for (int j = 0; j < QK / 2; j++) {
+            y[b * QK + j] += s * (float)((q[j] & 15) - 8);
+            y[b * QK + j + 16] += s * (float)((q[j] >> 4) - 8);
+        }
+    }
+}
+static inline void axpy_q41(float a, const uint8_t *restrict row, float *restrict y, int d, const uint8_t *pf) {
+    if (pf) prefetch_row(pf, ROWB_q41(d));
+    for (int b = 0; b < d / QK; b++) {
+        const uint8_t *blk = row + (int64_t)b * 20;
+        uint16_t h, hm; memcpy(&h, blk, 2); memcpy(&hm, blk + 2, 2);
+        const uint8_t *q = blk + 4;
+        float s = a * f16_to_f32(h), m = a * f16_to_f32(hm);
+        _Pragma("omp simd")
+        for (int j = 0; j < QK / 2; j++) {
+            y[b * QK + j] += s * (float)(q[j] & 15) + m;
+            y[b * QK + j + 16] += s * (float)(q[j] >> 4) + m;
+        }
+    }
+}
 #define DEFINE_AXPY4(F)                                                                           \
     static inline void axpy4_##F(const float *a, const uint8_t *const *rows, float *restrict y, int d, \
                                  const uint8_t *const *pf) {                                     \
