@@ -45,8 +45,16 @@ def int8_rows(m: torch.Tensor) -> Int8Rows | None:
 # transposed [d_ff, d] (neuron-major), Top-K linears Wᵀ, dense linears W [d_out, d_in].
 BLOCK = 32
 BLOCK_BYTES = {"q8_0": 2 + BLOCK, "q4_0": 2 + BLOCK // 2, "q4_1": 4 + BLOCK // 2}
-FLOAT_FORMATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-WEIGHT_FORMATS = tuple(FLOAT_FORMATS) + tuple(BLOCK_BYTES)
+BLOCK_FORMATS = tuple(BLOCK_BYTES)
+FLOAT_FORMATS = ("fp32", "bf16", "fp16")
+WEIGHT_FORMATS = FLOAT_FORMATS + BLOCK_FORMATS   # what --weights / weights= accept
+
+
+def requantised_format(fmt: str | None) -> str | None:
+    """The format for weights quantised a second time, across new axes (a 4-bit GGUF's down
+    projection made neuron-major, LaRoSA-folded weights): 4 bits on top of 4 bits doubles
+    the error (SmolLM2 Q4_1: 35% on the logits, broken answers), so those keep 8 bits."""
+    return "q8_0" if fmt in ("q4_0", "q4_1") else fmt
 
 
 @dataclass

@@ -54,6 +54,7 @@ class PredictorWeights:
     b: torch.Tensor     # [r, d_ff]
     bias: torch.Tensor  # [d_ff]: per-neuron thresholds folded in (score > 0 <=> predicted active)
     packed: object = None   # a backend's own compact copy of a and b (cpu: int8 rows), or None
+    fp32: object = None     # a backend's fp32 copies (cpu, for kernels with fp32 activations)
 
 
 class Executor(ABC):

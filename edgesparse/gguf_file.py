@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgesparse.backends.formats import QuantRows, quantizable, quantize_rows
+from edgesparse.backends.formats import QuantRows, quantizable, quantize_rows, requantised_format
 from .errors import ModelFilesError
 
 ADOPTED = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
@@ -159,7 +159,7 @@ def _float(t) -> torch.Tensor:
         raise ModelFilesError(f"GGUF tensor {t.name} has type {typ}, which edgesparse cannot read "
                               f"(it reads F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_*, and the K-quants)") from None
     cols = int(t.shape[0])
-    return torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(-1, cols)   # a copy: the map is read-only
+    return torch.from_numpy(np.asarray(arr, dtype=np.float32)).reshape(-1, cols)   # fp32 data: no copy
 
 
 def read_weights(reader, family, spec, fmt: str | None, head_fmt: str | None, dtype) -> dict:
@@ -168,15 +168,15 @@ def read_weights(reader, family, spec, fmt: str | None, head_fmt: str | None, dt
     None.  ``down_proj`` comes back neuron-major (``[d_ff, d]``) when it is a QuantRows."""
     src, dst = family.gguf_tensors, family.tensors
     names = {src.embed: dst.embed, src.norm: dst.norm, src.lm_head: dst.lm_head}
+    heads, downs = {}, set()   # q/k (weights and biases) -> their head count; down projections
     for i in range(spec.n_layers):
         for field in ("attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down"):
             g, h = getattr(src, field).format(i=i), getattr(dst, field).format(i=i)
             names[g] = h
             names[g.replace("weight", "bias")] = h.replace("weight", "bias")
-    heads, downs = {}, {dst.down.format(i=i) for i in range(spec.n_layers)}
-    for i in range(spec.n_layers):
-        for name, n in ((dst.q.format(i=i), spec.n_heads), (dst.k.format(i=i), spec.n_kv_heads)):
-            heads[name] = heads[name.replace("weight", "bias")] = n
+            if field in ("q", "k"):
+                heads[h] = heads[h.replace("weight", "bias")] = spec.n_heads if field == "q" else spec.n_kv_heads
+        downs.add(dst.down.format(i=i))
     out = {}
     for t in reader.tensors:
         hf = names.get(t.name)
@@ -185,10 +185,8 @@ def read_weights(reader, family, spec, fmt: str | None, head_fmt: str | None, dt
         typ = t.tensor_type.name
         is_down = hf in downs
         want = head_fmt if hf in (dst.embed, dst.lm_head) else fmt
-        if is_down and typ not in FLOAT_TYPES and want in ("q4_0", "q4_1"):
-            # Re-quantising 4-bit values across their blocks to 4 bits again doubles the error
-            # (SmolLM2: 8.8% of the down weights' norm, 35% on the logits); 8 bits keep it at ~0.5%.
-            want = "q8_0"
+        if is_down and typ not in FLOAT_TYPES:   # re-quantised across its blocks (neuron-major)
+            want = requantised_format(want)
         if len(t.shape) == 1:
             val = _float(t).reshape(-1).to(dtype)
         elif want is not None and ADOPTED.get(typ) == want and not is_down:
@@ -197,11 +195,9 @@ def read_weights(reader, family, spec, fmt: str | None, head_fmt: str | None, dt
             val = QuantRows(want, data, int(t.shape[0]))
         else:
             m = _float(t)
-            if is_down:
-                m = m.T.contiguous()          # neuron-major: the rows the sparse kernels read
-            val = quantize_rows(m, want) if quantizable(m, want) else m.to(dtype)
-            if is_down and not isinstance(val, QuantRows):
-                val = val.T                   # float down projections keep the HF orientation
+            rows = m.T if is_down else m      # a down projection's blocks run neuron-major
+            # float matrices keep the HF orientation (the executor lays them out)
+            val = quantize_rows(rows.contiguous(), want) if quantizable(rows, want) else m.to(dtype)
         if hf in heads and family.gguf_permuted_qk:
             perm = _unpermute_rows(val.shape[0], heads[hf])
             val = QuantRows(val.fmt, val.data[perm], val.cols) if isinstance(val, QuantRows) else val[perm]

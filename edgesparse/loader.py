@@ -14,10 +14,10 @@ from edgesparse.backends import get_executor
 from edgesparse.backends.interface import Executor
 from .errors import InvalidOptionError, ModelFilesError, UnsupportedModelError
 from .models.decoder import DecoderModel
-from .models.families import Family, family_of
+from .models.families import Family, family_of, family_of_config
 from .models.spec import spec_from_config, ModelSpec
 from .models.weights import Attention, Layer, gated_mlp
-from edgesparse.backends.formats import QuantRows, cat_rows
+from edgesparse.backends.formats import BLOCK_FORMATS, FLOAT_FORMATS, WEIGHT_FORMATS, QuantRows, cat_rows
 from .embedded import TINY
 
 EMBEDDED = {"tiny": TINY}
@@ -79,13 +79,15 @@ def _from_gguf(p: Path, auto, marker: str):
     if (cached / marker).exists():
         return auto.from_pretrained(cached)
     obj = auto.from_pretrained(p.parent, gguf_file=p.name)
+    tmp = None
     try:   # atomic: a concurrent loader sees the whole dir or none
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cached.parent))
+        tmp = tempfile.mkdtemp(dir=cached.parent)
         obj.save_pretrained(tmp)
         os.replace(tmp, cached)
-    except OSError:   # a read-only cache is not an error: the next load derives it again
-        shutil.rmtree(tmp, ignore_errors=True) if "tmp" in locals() else None
+    except OSError:   # a read-only cache (or a concurrent writer that won) is not an error
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return obj
 
 
@@ -125,8 +127,7 @@ def build_model(config, sd: dict, ex: Executor, dtype, family: Family | None = N
     """A DecoderModel from a state dict named as the family's ``TensorNames`` say.  Values are
     float tensors, or QuantRows already in the runtime layout (from a GGUF file; a QuantRows
     down projection is neuron-major)."""
-    family = family or family_of(list(getattr(config, "architectures", None) or []),
-                                 getattr(config, "model_type", None))
+    family = family or family_of_config(config)
     spec = spec_from_config(config, family)
     names = family.tensors
 
@@ -159,11 +160,9 @@ def build_model(config, sd: dict, ex: Executor, dtype, family: Family | None = N
                         cos=ex.place(cos), sin=ex.place(sin))
 
 
-QUANT_WEIGHTS = ("q8_0", "q4_0", "q4_1")
-FLOAT_WEIGHTS = ("fp32", "bf16", "fp16")
-# Where the weights are 4-bit, the lm_head stays 8-bit: it decides every sampled token and is
-# one matrix (llama.cpp keeps it at 6 bits in its Q4_0 files for the same reason).
-HEAD_FORMAT = {"q8_0": "q8_0", "q4_0": "q8_0", "q4_1": "q8_0"}
+# Under block formats the lm_head is 8-bit: it decides every sampled token and is one matrix
+# (llama.cpp keeps it at 6 bits in its Q4_0 files for the same reason).
+HEAD_FORMAT = {fmt: "q8_0" for fmt in BLOCK_FORMATS}
 
 
 def load_model(path, backend: str = "auto", dtype=None, weights: str | None = None):
@@ -174,29 +173,28 @@ def load_model(path, backend: str = "auto", dtype=None, weights: str | None = No
     q4_0); ``q8_0`` / ``q4_0`` / ``q4_1`` quantise the
     matrices at load, tensor by tensor; ``fp32`` / ``bf16`` / ``fp16`` keep float matrices.
     Activations, norms and the KV cache are in ``dtype`` (default fp32)."""
-    if weights is not None and weights not in FLOAT_WEIGHTS + QUANT_WEIGHTS:
-        raise InvalidOptionError(f"unknown weight format {weights!r}; choose one of "
-                                 f"{', '.join(FLOAT_WEIGHTS + QUANT_WEIGHTS)}")
+    if weights is not None and weights not in WEIGHT_FORMATS:
+        raise InvalidOptionError(f"unknown weight format {weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise InvalidOptionError(f"unknown dtype {dtype!r}; choose one of fp32, bf16, fp16")
         dtype = DTYPES[dtype]
-    if weights in FLOAT_WEIGHTS:
+    if weights in FLOAT_FORMATS:
         dtype = dtype or DTYPES[weights]
     dtype = dtype or torch.float32
     p = resolve_model_path(path)
     ex = get_executor(backend)
     config = load_config(p)
-    family = family_of(list(getattr(config, "architectures", None) or []), getattr(config, "model_type", None))
+    family = family_of_config(config)
     spec = spec_from_config(config, family)   # refuse an unsupported config before reading weights
     tok = load_tokenizer(p)
     if p.suffix == ".gguf":
         from .gguf_file import default_format, open_gguf, read_weights
         reader = open_gguf(p)
-        fmt = default_format(reader) if weights is None else (None if weights in FLOAT_WEIGHTS else weights)
+        fmt = default_format(reader) if weights is None else (None if weights in FLOAT_FORMATS else weights)
         sd = read_weights(reader, family, spec, fmt, HEAD_FORMAT.get(fmt), dtype)
     else:
-        fmt = weights if weights in QUANT_WEIGHTS else None
+        fmt = weights if weights in BLOCK_FORMATS else None
         sd = load_state_dict(p)
     ex.weight_format = fmt
     return build_model(config, sd, ex, dtype, family), tok, config, p

@@ -6,7 +6,7 @@ import mmap
 
 import torch
 
-from ..formats import QuantRows, int8_rows
+from ..formats import BLOCK_BYTES, QuantRows, int8_rows
 from ..interface import FFNWeights, LinearWeights, PredictorWeights, TopKWeights, activate
 from ..reference import TorchExecutor
 from . import native
@@ -39,12 +39,12 @@ class CpuExecutor(TorchExecutor):
         # off their grid are kept as fp32 rows for them too (converted once, here).
         p = PredictorWeights(self.place(a.t()).t(), self.place(b.t()).t(), self.place(bias))
         qa, qb = int8_rows(p.a.t()), int8_rows(p.b.t())   # each may be off its grid (rotated A)
-        pack = lambda rows: (None, None) if rows is None else (self.place(rows.q), rows.s)  # noqa: E731
         if qa is not None or qb is not None:
+            pack = lambda rows: (None, None) if rows is None else (self.place(rows.q), rows.s)  # noqa: E731
             p.packed = (*pack(qa), *pack(qb))
-        if self.weight_format in native.QUANT_FORMATS:
+        if self.weight_format in BLOCK_BYTES:   # a_t [r, d], b_t [d_ff, r] where not int8 rows, bias
             f32 = lambda m, q: None if q is not None else self.place(m.float())  # noqa: E731
-            p.packed = (*pack(qa), *pack(qb), f32(p.a.t(), qa), f32(p.b.t(), qb), p.bias.float().contiguous())
+            p.fp32 = (f32(p.a.t(), qa), f32(p.b.t(), qb), p.bias.float().contiguous())
         return p
 
     def linear(self, x, w: LinearWeights):
@@ -81,16 +81,15 @@ class CpuExecutor(TorchExecutor):
 
     def reglu_sparse(self, x, w, p):
         if isinstance(w.gate, QuantRows):
-            if x.shape[0] == 1 and native.supports_ffn(w.gate, w.up, w.down_t) and (p is None or p.packed):
-                pk = (None,) * 7 if p is None else p.packed
+            if x.shape[0] == 1 and native.supports_ffn(w.gate, w.up, w.down_t) and (p is None or p.fp32):
                 out, n_cand, n_active = native.q_reglu_ffn(
-                    x[0], w.gate, w.up, w.down_t, pk[4], pk[5], pk[6], None if p is None else pk[:4])
+                    x[0], w.gate, w.up, w.down_t, *((None,) * 4 if p is None else (*p.fp32, p.packed)))
                 return out.to(x.dtype).unsqueeze(0), n_cand, n_active
             return super().reglu_sparse(x, w, p)
         if x.shape[0] == 1 and native.supports(w.gate, w.up, w.down_t, *(() if p is None else (p.a.t(), p.b.t()))):
             out, n_cand, n_active = native.reglu_ffn(
                 x[0], w.gate, w.up, w.down_t, *((None, None, None, None) if p is None else
-                                                (p.a.t(), p.b.t(), p.bias, p.packed and p.packed[:4])))
+                                                (p.a.t(), p.b.t(), p.bias, p.packed)))
             return out.unsqueeze(0), n_cand, n_active
         return super().reglu_sparse(x, w, p)
 

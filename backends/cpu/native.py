@@ -29,7 +29,6 @@ _state: dict = {}
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 # Block-quantised rows (formats.QuantRows): fp32 activations in and out, see quant_rows.h.
 _QUANT = {"q8_0": "q8", "q4_0": "q4", "q4_1": "q41"}
-QUANT_FORMATS = tuple(_QUANT)
 # (gate/up, down) format pairs the fused FFN kernel is built for (quant_rows.h)
 _FFN_PAIRS = ("q8_q8", "q4_q4", "q41_q41", "q4_q8", "q41_q8")
 _QUANT_OPS = ("es_reglu_ffn", "es_weighted_rows", "es_gemv", "es_topk_linear")
@@ -203,11 +202,12 @@ def supports_ffn(gate, up, down_t) -> bool:
             and f"{_QUANT[gate.fmt]}_{_QUANT[down_t.fmt]}" in _FFN_PAIRS)
 
 
-def _qfn(name: str, w):
+def _qfn(name: str, w, down=None):
+    """The kernel for ``w``'s format (the fused FFN: for its gate/up and ``down`` formats)."""
     fns = _state.setdefault("fns", {})
-    key = (name, w.fmt)
+    key = (name, w.fmt, down and down.fmt)
     if key not in fns:
-        fns[key] = getattr(lib(), f"{name}_{_QUANT[w.fmt]}")
+        fns[key] = getattr(lib(), f"{name}_{_QUANT[w.fmt]}" + (f"_{_QUANT[down.fmt]}" if down else ""))
     return fns[key]
 
 
@@ -247,19 +247,11 @@ def q_reglu_ffn(x: torch.Tensor, gate, up, down_t, a_t=None, b_t=None, bias=None
     """``reglu_ffn`` for QuantRows gate/up/down_t: ``(out fp32 [d], candidates, active)``."""
     f, d = gate.shape
     x, a_t, b_t, bias = _f32(x), _f32(a_t), _f32(b_t), _f32(bias)
-    qa, sa, qb, sb = packed or (None,) * 4
-    if qa is not None:
-        a_t = None
-    if qb is not None:
-        b_t = None
+    qa, sa, qb, sb = packed or (None,) * 4   # int8 rows, where given, are read instead of a_t / b_t
     r = qa.shape[0] if qa is not None else (0 if a_t is None else a_t.shape[0])
     out = torch.empty(d, dtype=torch.float32)
     counts = (ctypes.c_int64 * 2)()
-    fns = _state.setdefault("fns", {})
-    key = ("es_reglu_ffn", gate.fmt, down_t.fmt)
-    if key not in fns:
-        fns[key] = getattr(lib(), f"es_reglu_ffn_{_QUANT[gate.fmt]}_{_QUANT[down_t.fmt]}")
-    fns[key](x.data_ptr(), _ptr(a_t), _ptr(b_t), _ptr(qa), _ptr(sa), _ptr(qb), _ptr(sb),
-                               _ptr(bias), gate.data.data_ptr(), up.data.data_ptr(), down_t.data.data_ptr(),
-                               d, r, f, torch.get_num_threads(), out.data_ptr(), counts)
+    _qfn("es_reglu_ffn", gate, down_t)(x.data_ptr(), _ptr(a_t), _ptr(b_t), _ptr(qa), _ptr(sa), _ptr(qb), _ptr(sb),
+                                       _ptr(bias), gate.data.data_ptr(), up.data.data_ptr(), down_t.data.data_ptr(),
+                                       d, r, f, torch.get_num_threads(), out.data_ptr(), counts)
     return out, counts[0], counts[1]

@@ -13,10 +13,11 @@ DEMO_PROMPT = "The history of the city"
 
 def _add_model_opts(p, artifacts=True):
     from edgesparse.backends import choices
+    from edgesparse.backends.formats import WEIGHT_FORMATS
     p.add_argument("model", help="HF checkpoint dir, .gguf file, or 'tiny' (the embedded model)")
     p.add_argument("--backend", default="auto", choices=choices())
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--weights", default=None, choices=["fp32", "bf16", "fp16", "q8_0", "q4_0", "q4_1"],
+    p.add_argument("--weights", default=None, choices=WEIGHT_FORMATS,
                    help="weight matrices' format (default: the checkpoint's own precision; "
                         "a GGUF file keeps its 8- or 4-bit blocks)")
     if artifacts:
@@ -147,6 +148,7 @@ def cmd_info(args):
 
 
 def _add_more_commands(sub):
+    from edgesparse.backends.formats import BLOCK_FORMATS
     p = sub.add_parser("calibrate", help="build FFN predictors (and rotations) from calibration text")
     _add_model_opts(p, artifacts=False)
     p.add_argument("-o", "--output", required=True, help="artifact dir to write")
@@ -188,7 +190,7 @@ def _add_more_commands(sub):
     p.add_argument("--shape", default="4096x11008")
     p.add_argument("--sparsity", type=_fraction, default=0.9)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
-    p.add_argument("--weights", choices=["q8_0", "q4_0", "q4_1"], default=None, help="block-quantised weights")
+    p.add_argument("--weights", choices=BLOCK_FORMATS, default=None, help="block-quantised weights")
     p.add_argument("--backend", default="cpu")
     p.add_argument("--rank", type=_positive_int, default=None)
     p.add_argument("--repeats", type=_positive_int, default=15)
@@ -198,7 +200,7 @@ def _add_more_commands(sub):
     p.add_argument("--synthetic", default=None, help="tinyllama-1.1b")
     p.add_argument("--backend", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
-    p.add_argument("--weights", choices=["q8_0", "q4_0", "q4_1"], default=None, help="block-quantised weights")
+    p.add_argument("--weights", choices=BLOCK_FORMATS, default=None, help="block-quantised weights")
     p.add_argument("--new-tokens", type=_positive_int, default=32)
     p.add_argument("--rounds", type=_positive_int, default=3)
     p.add_argument("--rotation", choices=["shared", "per-site", "global"], default="global")

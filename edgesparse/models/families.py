@@ -95,3 +95,8 @@ def family_of(archs: list[str] | None, model_type: str | None = None) -> Family:
                 return _resolve(a)
     got = ", ".join(archs or []) or model_type or "?"
     raise UnsupportedModelError(f"unsupported architecture {got}; edgesparse runs {', '.join(_REGISTRY)}")
+
+
+def family_of_config(config) -> Family:
+    """``family_of`` for a transformers config object."""
+    return family_of(list(getattr(config, "architectures", None) or []), getattr(config, "model_type", None))

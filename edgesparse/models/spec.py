@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from edgesparse.errors import UnsupportedModelError
 
-from .families import Family, family_of
+from .families import Family, family_of_config
 
 ACTIVATIONS = {"relu": "relu", "silu": "silu", "swish": "silu"}
 
@@ -36,8 +36,7 @@ class ModelSpec:
 def spec_from_config(config, family: Family | None = None) -> ModelSpec:
     """The decoder's spec: the Llama-layout settings every family shares, then the family's
     own rules (biases, sliding window, settings it refuses)."""
-    family = family or family_of(list(getattr(config, "architectures", None) or []),
-                                 getattr(config, "model_type", None))
+    family = family or family_of_config(config)
     act = ACTIVATIONS.get(getattr(config, "hidden_act", None))
     if act is None:
         raise UnsupportedModelError(f"unsupported FFN activation {config.hidden_act!r}; expected relu or silu")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from edgesparse.backends.formats import QuantRows
+from edgesparse.backends.formats import QuantRows, requantised_format
 from edgesparse.errors import ArtifactError
 from edgesparse.models.weights import Attention, Layer, ReGLUMLP, TopKAttention, TopKMLP
 from edgesparse.predictors.rotation import block_topk_sizes, pca_rotation
@@ -111,10 +111,8 @@ def install_topk(model, ks: dict, rot_attn=None, rot_mlp=None, scaled: bool = Fa
         raise ArtifactError("Top-K is already installed on this model")
     rotated = rot_attn is not None
     saved = ex.weight_format
-    if rotated and saved in ("q4_0", "q4_1"):
-        # Folded weights start from the stored 4-bit values; quantising them to 4 bits again
-        # along new axes doubles the error (SmolLM2 Q4_1: the answers broke), 8 bits do not.
-        ex.weight_format = "q8_0"
+    if rotated:   # folded weights start from the stored values: quantised a second time
+        ex.weight_format = requantised_format(saved)
     try:
         _install(model, ex, dt, spec, ks, rot_attn, rot_mlp, scaled)
     finally:
