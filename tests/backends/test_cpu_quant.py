@@ -72,3 +72,20 @@ def test_reglu_ffn_exact_and_predictor(fmt):
         out, n_cand, n_active = native.q_reglu_ffn(x, gate, up, down_t, a_t, b_t, bias)
         _close(out, (torch.relu(gv) * cand * u) @ down_t.rows(), 3e-2)
         assert n_cand == int(cand.sum())
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("d", [64, 96, 288])   # even and odd block counts (pairs + one block)
+def test_four_row_dots_equal_one_row_dots(fmt, d):
+    """GEMV rows go four at a time over block pairs (AVX-512 VNNI) with single-row, single-
+    block tails; the same integer dots either way, so each row's result must not depend on
+    which path it took (a wrong scale lane would show here far above rounding)."""
+    n = 11   # 2 threads: groups of four plus tails of one to three rows
+    w = _q(n, d, fmt, 9)
+    x = torch.randn(d, generator=torch.Generator().manual_seed(10))
+    together = native.q_gemv(w, x)
+    for i in range(n):
+        one = quantize_rows(w.rows(torch.tensor([i])), fmt)   # the same blocks as a one-row matrix
+        alone = native.q_gemv(one, x)
+        assert torch.allclose(together[i:i + 1], alone, rtol=1e-5, atol=1e-5), (i, together[i], alone)
+    _close(together, w.rows() @ x, 2e-2)

@@ -14,14 +14,23 @@ typedef struct {
     float *s;       /* [d/32] block scales */
     float *sum8;    /* [d/32] 8 * s * sum(q) of the block (the portable path's offset term) */
     int32_t *off;   /* [d/32 * 8] -8 * (sum of q over each 4-byte lane group): q4_0's offset */
+    /* For the four-row dots (idot4_*): block pairs in the lane order a 4-bit pair unpacks to,
+     * [b0 q0..15 | b1 q0..15 | b0 q16..31 | b1 q16..31], with its offsets; q8_0's offset
+     * (-128 * lane group sum, natural order) */
+    int8_t *qp;
+    int32_t *offp, *off128;
 } QX;
 
 static void qx_init(QX *qx, const float *x, int d) {
     int nb = d / QK;
-    qx->q = (int8_t *)malloc((size_t)d + 64);
-    qx->s = (float *)malloc(sizeof(float) * (size_t)(nb + 1));
+    size_t qbytes = ((size_t)d + 127) / 64 * 64, obytes = (sizeof(int32_t) * (size_t)(nb * 8 + 16) + 63) / 64 * 64;
+    qx->q = (int8_t *)aligned_alloc(64, qbytes);
+    qx->qp = (int8_t *)aligned_alloc(64, qbytes);
+    qx->s = (float *)malloc(sizeof(float) * (size_t)(nb + 2));
     qx->sum8 = (float *)malloc(sizeof(float) * (size_t)(nb + 1));
-    qx->off = (int32_t *)malloc(sizeof(int32_t) * (size_t)(nb * 8 + 8));
+    qx->off = (int32_t *)aligned_alloc(64, obytes);
+    qx->offp = (int32_t *)aligned_alloc(64, obytes);
+    qx->off128 = (int32_t *)aligned_alloc(64, obytes);
     for (int b = 0; b < nb; b++) {
         float amax = 0.f;
         for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[b * QK + j]));
@@ -37,10 +46,21 @@ static void qx_init(QX *qx, const float *x, int d) {
         for (int l = 0; l < 8; l++) {
             const int8_t *g = qx->q + b * QK + 4 * l;
             qx->off[b * 8 + l] = -8 * ((int)g[0] + g[1] + g[2] + g[3]);
+            qx->off128[b * 8 + l] = 16 * qx->off[b * 8 + l];
         }
     }
+    for (int b = 0; b + 2 <= nb; b += 2) {
+        int8_t *dq = qx->qp + b * QK;
+        const int8_t *q0 = qx->q + b * QK, *q1 = q0 + QK;
+        memcpy(dq, q0, 16); memcpy(dq + 16, q1, 16); memcpy(dq + 32, q0 + 16, 16); memcpy(dq + 48, q1 + 16, 16);
+        int32_t *dof = qx->offp + b * 8;
+        const int32_t *f0 = qx->off + b * 8, *f1 = f0 + 8;
+        memcpy(dof, f0, 16); memcpy(dof + 4, f1, 16); memcpy(dof + 8, f0 + 4, 16); memcpy(dof + 12, f1 + 4, 16);
+    }
 }
-static void qx_free(QX *qx) { free(qx->q); free(qx->s); free(qx->sum8); free(qx->off); }
+static void qx_free(QX *qx) {
+    free(qx->q); free(qx->qp); free(qx->s); free(qx->sum8); free(qx->off); free(qx->offp); free(qx->off128);
+}
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define DPBUSD(acc, u, s) _mm256_dpbusd_epi32((acc), (u), (s))
@@ -58,11 +78,10 @@ static inline float hsum256(__m256 v) {
 }
 #endif
 
-static inline float idot_q8(const uint8_t *restrict row, const QX *qx, int d, const uint8_t *pf) {
-    int nb = d / QK;
+static inline float idot_q8_blocks(const uint8_t *restrict row, const QX *qx, int b0, int nb, const uint8_t *pf) {
 #if defined(DPBUSD)
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int b = 0; b < nb; b++) {
+    for (int b = b0; b < nb; b++) {
         const uint8_t *blk = row + (int64_t)b * 34;
         if (pf && (b & 1) == 0) PREFETCH(pf + (int64_t)b * 34);
         uint16_t h; memcpy(&h, blk, 2);
@@ -74,8 +93,8 @@ static inline float idot_q8(const uint8_t *restrict row, const QX *qx, int d, co
     return hsum256(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
 #else
     float acc = 0.f;
-    if (pf) prefetch_row(pf, ROWB_q8(d));
-    for (int b = 0; b < nb; b++) {
+    if (pf) prefetch_row(pf, (int64_t)(nb - b0) * 34);
+    for (int b = b0; b < nb; b++) {
         const uint8_t *blk = row + (int64_t)b * 34;
         uint16_t h; memcpy(&h, blk, 2);
         const int8_t *q = (const int8_t *)(blk + 2), *x = qx->q + b * QK;
@@ -87,12 +106,11 @@ static inline float idot_q8(const uint8_t *restrict row, const QX *qx, int d, co
 #endif
 }
 
-static inline float idot_q4(const uint8_t *restrict row, const QX *qx, int d, const uint8_t *pf) {
-    int nb = d / QK;
+static inline float idot_q4_blocks(const uint8_t *restrict row, const QX *qx, int b0, int nb, const uint8_t *pf) {
 #if defined(DPBUSD)
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int b = 0; b < nb; b++) {
+    for (int b = b0; b < nb; b++) {
         const uint8_t *blk = row + (int64_t)b * 18;
         if (pf && (b & 3) == 0) PREFETCH(pf + (int64_t)b * 18);
         uint16_t h; memcpy(&h, blk, 2);
@@ -105,8 +123,8 @@ static inline float idot_q4(const uint8_t *restrict row, const QX *qx, int d, co
     return hsum256(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
 #else
     float acc = 0.f;
-    if (pf) prefetch_row(pf, ROWB_q4(d));
-    for (int b = 0; b < nb; b++) {
+    if (pf) prefetch_row(pf, (int64_t)(nb - b0) * 18);
+    for (int b = b0; b < nb; b++) {
         const uint8_t *blk = row + (int64_t)b * 18;
         uint16_t h; memcpy(&h, blk, 2);
         const uint8_t *q = blk + 2;
@@ -159,13 +177,12 @@ static void seq_idots_i8(const int8_t *w, int64_t lo, int64_t hi, int d, const f
 
 /* q4_1: sum (s n_j + m) x_j = s * sum n_j x_j + m * sum x_j; the unsigned nibbles go straight
  * into vpdpbusd, the min term uses the block's sum of x (four partial sums: no serial chain). */
-static inline float idot_q41(const uint8_t *restrict row, const QX *qx, int d, const uint8_t *pf) {
-    int nb = d / QK;
+static inline float idot_q41_blocks(const uint8_t *restrict row, const QX *qx, int b0, int nb, const uint8_t *pf) {
     float corr[4] = {0.f, 0.f, 0.f, 0.f};
 #if defined(DPBUSD)
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int b = 0; b < nb; b++) {
+    for (int b = b0; b < nb; b++) {
         const uint8_t *blk = row + (int64_t)b * 20;
         if (pf && (b & 3) == 0) PREFETCH(pf + (int64_t)b * 20);
         uint16_t h, hm; memcpy(&h, blk, 2); memcpy(&hm, blk + 2, 2);
@@ -180,8 +197,8 @@ static inline float idot_q41(const uint8_t *restrict row, const QX *qx, int d, c
            + 0.125f * (corr[0] + corr[1] + corr[2] + corr[3]);
 #else
     float acc = 0.f;
-    if (pf) prefetch_row(pf, ROWB_q41(d));
-    for (int b = 0; b < nb; b++) {
+    if (pf) prefetch_row(pf, (int64_t)(nb - b0) * 20);
+    for (int b = b0; b < nb; b++) {
         const uint8_t *blk = row + (int64_t)b * 20;
         uint16_t h, hm; memcpy(&h, blk, 2); memcpy(&hm, blk + 2, 2);
         const uint8_t *q = blk + 4;
@@ -194,3 +211,85 @@ static inline float idot_q41(const uint8_t *restrict row, const QX *qx, int d, c
     return acc + 0.125f * (corr[0] + corr[1] + corr[2] + corr[3]);
 #endif
 }
+
+#define idot_q8(row, qx, d, pf) idot_q8_blocks((row), (qx), 0, (d) / QK, (pf))
+#define idot_q4(row, qx, d, pf) idot_q4_blocks((row), (qx), 0, (d) / QK, (pf))
+#define idot_q41(row, qx, d, pf) idot_q41_blocks((row), (qx), 0, (d) / QK, (pf))
+
+/* Four rows at once: o[r] = rows[r] . x.  On AVX-512 VNNI each step takes a pair of blocks of
+ * all four rows in 512-bit registers: the activation's pair, its offsets and scales are loaded
+ * once for four rows, and the eight fp16 weight scales are converted in one instruction.  The
+ * one-row-one-block loop above was compute-bound (~10 GB/s of q4_0 per core with its rows in
+ * L2, under the ~14 GB/s a core streams from memory); this runs at ~17 (docs/performance.md).
+ * An odd last block, and other targets, take the one-row dots. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+/* [s(r0,b0), s(r0,b1), s(r1,b0), ..., s(r3,b1)] * the activation's pair scales */
+static inline __m256 pair_scales4(const uint8_t *const *rows, int64_t o0, int64_t o1, int sh, const float *xs) {
+    uint16_t h[8];
+    for (int r = 0; r < 4; r++) { memcpy(h + 2 * r, rows[r] + o0 + sh, 2); memcpy(h + 2 * r + 1, rows[r] + o1 + sh, 2); }
+    __m128i hv = _mm_set_epi16(h[7], h[6], h[5], h[4], h[3], h[2], h[1], h[0]);
+    return _mm256_mul_ps(_mm256_cvtph_ps(hv), _mm256_castpd_ps(_mm256_broadcast_sd((const double *)xs)));
+}
+/* lane -> scale index of row r: 4-bit pairs unpack to [b0 | b1 | b0 | b1] lane groups of four,
+ * q8_0 pairs to [b0 x8 | b1 x8] */
+static inline __m512i scale_idx(int r, int nibbles) {
+    __m512i i = nibbles ? _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)
+                        : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_add_epi32(i, _mm512_set1_epi32(2 * r));
+}
+static inline __m512i nibble_pair(const uint8_t *row, int64_t o0, int64_t o1) {
+    __m256i raw = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(row + o0))),
+                                          _mm_loadu_si128((const __m128i *)(row + o1)), 1);
+    return _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1),
+                            _mm512_set1_epi8(0x0f));
+}
+/* F: format, BB: block bytes, QO: offset of the quants in a block, NIB: 4-bit, XQ/XOFF: the
+ * activation's quants and dpbusd start values for a pair, W: the row's unsigned pair. */
+#define DEFINE_IDOT4(F, BB, QO, NIB, XQ, XOFF, W)                                                 \
+    static inline void idot4_##F(const uint8_t *const *rows, const QX *qx, int d, const uint8_t *const *pf, float *o) { \
+        const int nb = d / QK;                                                                    \
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}; \
+        __m256 mins = _mm256_setzero_ps();                                                        \
+        int b = 0;                                                                                \
+        for (; b + 2 <= nb; b += 2) {                                                             \
+            const int64_t o0 = (int64_t)b * BB, o1 = o0 + BB;                                     \
+            if (pf[0])                                                                            \
+                for (int r = 0; r < 4; r++) { PREFETCH(pf[r] + o0); if (BB > 32) PREFETCH(pf[r] + o0 + 64); } \
+            __m512 sc = _mm512_castps256_ps512(pair_scales4(rows, o0, o1, 0, qx->s + b));         \
+            if (F##_HAS_MIN) /* q4_1: + m * sum(x) of each block */                               \
+                mins = _mm256_add_ps(mins, pair_scales4(rows, o0, o1, 2, qx->sum8 + b));          \
+            const __m512i xq = _mm512_load_si512(XQ + b * QK), xo = XOFF;                         \
+            for (int r = 0; r < 4; r++) {                                                         \
+                __m512i dp = _mm512_dpbusd_epi32(xo, W(rows[r], o0 + QO, o1 + QO), xq);           \
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), _mm512_permutexvar_ps(scale_idx(r, NIB), sc), acc[r]); \
+            }                                                                                     \
+        }                                                                                         \
+        float mn[8];                                                                              \
+        _mm256_storeu_ps(mn, mins);                                                               \
+        for (int r = 0; r < 4; r++) {                                                             \
+            o[r] = _mm512_reduce_add_ps(acc[r]) + 0.125f * (mn[2 * r] + mn[2 * r + 1]);           \
+            if (b < nb) o[r] += idot_##F##_blocks(rows[r], qx, b, nb, NULL);                      \
+        }                                                                                         \
+    }
+#define q4_HAS_MIN 0
+#define q41_HAS_MIN 1
+#define q8_HAS_MIN 0
+/* q8_0: int8 weights made unsigned (w + 128, an xor), the 128 * sum x it adds taken off in
+ * the start values */
+static inline __m512i q8_pair(const uint8_t *row, int64_t o0, int64_t o1) {
+    __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(row + o0))),
+                                   _mm256_loadu_si256((const __m256i *)(row + o1)), 1);
+    return _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80));
+}
+DEFINE_IDOT4(q4, 18, 2, 1, qx->qp, _mm512_load_si512(qx->offp + b * 8), nibble_pair)
+DEFINE_IDOT4(q41, 20, 4, 1, qx->qp, _mm512_setzero_si512(), nibble_pair)
+DEFINE_IDOT4(q8, 34, 2, 0, qx->q, _mm512_load_si512(qx->off128 + b * 8), q8_pair)
+#else
+#define DEFINE_IDOT4(F)                                                                           \
+    static inline void idot4_##F(const uint8_t *const *rows, const QX *qx, int d, const uint8_t *const *pf, float *o) { \
+        for (int r = 0; r < 4; r++) o[r] = idot_##F(rows[r], qx, d, pf[r]);                       \
+    }
+DEFINE_IDOT4(q4)
+DEFINE_IDOT4(q41)
+DEFINE_IDOT4(q8)
+#endif
