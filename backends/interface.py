@@ -57,6 +57,24 @@ class PredictorWeights:
     fp32: object = None     # a backend's fp32 copies (cpu, for kernels with fp32 activations)
 
 
+@dataclass
+class LayerStep:
+    """One decoder layer of a single-token, single-sequence decode step, in the executor's own
+    weight types, for backends that run a whole layer in one call (``Executor.decode_layer``):
+    x + attn(norm(x)), then + mlp(norm(x)).  ``qkv``/``o`` are dense (LinearWeights) or Top-K
+    (TopKWeights, ``k`` inputs kept); the FFN runs densely (``ffn_sparse`` False) or as a
+    sparse ReGLU, exact (``predictor`` None) or predictor-sparse."""
+    attn_norm: torch.Tensor
+    qkv: "LinearWeights | TopKWeights"
+    o: "LinearWeights | TopKWeights"
+    mlp_norm: torch.Tensor
+    ffn: FFNWeights
+    ffn_sparse: bool
+    predictor: PredictorWeights | None
+    n_heads: int
+    eps: float
+
+
 class Executor(ABC):
     """One backend.  Subclasses set ``name`` and implement the operations below."""
 
@@ -121,6 +139,14 @@ class Executor(ABC):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         return weight * xf.to(x.dtype)
+
+    def decode_layer(self, step: LayerStep, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, slot: int, first: int):
+        """Run one whole layer of a decode step in one call, or return None to have the
+        decoder compose it from the operations below (the default, and the reference).
+        ``x [d]`` is one token's residual stream; arguments as ``decode_attention``.  Returns
+        ``(x_out [d], gate_rows, active_rows)``: the FFN's row counts as ``reglu_sparse``'s."""
+        return None
 
     def decode_attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
                          cache_v: torch.Tensor, slot: int, first: int, n_heads: int) -> torch.Tensor:

@@ -7,9 +7,9 @@ import mmap
 import torch
 
 from ..formats import BLOCK_BYTES, QuantRows, int8_rows
-from ..interface import FFNWeights, LinearWeights, PredictorWeights, TopKWeights, activate
+from ..interface import FFNWeights, LayerStep, LinearWeights, PredictorWeights, TopKWeights, activate
 from ..reference import TorchExecutor
-from . import native
+from . import layer_step, native
 
 
 class CpuExecutor(TorchExecutor):
@@ -66,11 +66,25 @@ class CpuExecutor(TorchExecutor):
             return native.decode_attention(qkv, cos, sin, cache_k, cache_v, slot, first, n_heads)
         return super().decode_attention(qkv, cos, sin, cache_k, cache_v, slot, first, n_heads)
 
+    def decode_layer(self, step: LayerStep, x, cache_k, cache_v, cos, sin, slot, first):
+        # One descriptor per (layer description, cache shape), built on first use; None
+        # (not covered: float weights, adapters, ...) is remembered too.
+        key = (id(step), tuple(cache_k.shape), cache_k.dtype)
+        plans = self.__dict__.setdefault("_layer_plans", {})
+        if key not in plans:
+            if len(plans) > 4096:   # caches of many lengths over a long-lived server
+                plans.clear()
+            plans[key] = (step, layer_step.build(step, cache_k, x.dtype))
+        plan = plans[key][1]
+        if plan is None:
+            return None
+        return layer_step.run(plan, x, cache_k, cache_v, cos, sin, slot, first)
+
     def ffn_dense(self, x, w: FFNWeights):
         if isinstance(w.gate, QuantRows):
-            if x.dim() == 2 and x.shape[0] == 1 and native.supports_quant(w.gate, w.up, w.down_t):
-                h = activate(native.q_gemv(w.gate, x[0]), w.act) * native.q_gemv(w.up, x[0])
-                return native.q_weighted_rows(w.down_t, None, h).to(x.dtype).unsqueeze(0)
+            if (x.dim() == 2 and x.shape[0] == 1 and w.act in ("relu", "silu") and w.gate.fmt == w.up.fmt
+                    and native.supports_quant(w.gate, w.up, w.down_t)):
+                return native.q_ffn_dense(x[0], w.gate, w.up, w.down_t, w.act).to(x.dtype).unsqueeze(0)
             return super().ffn_dense(x, w)
         if x.dim() == 2 and x.shape[0] == 1 and native.supports(w.down_t):
             # One token: gate/up as native GEMVs, the down projection as one native pass over

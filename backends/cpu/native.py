@@ -24,7 +24,7 @@ from edgesparse.cache import cache_dir
 from ..formats import QuantRows
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "sparse_rows.c", CSRC / "decode_ops.c"]
+SOURCES = [CSRC / "sparse_rows.c", CSRC / "decode_ops.c", CSRC / "decode_layer.c"]
 _state: dict = {}
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 # Block-quantised rows (formats.QuantRows): fp32 activations in and out, see quant_rows.h.
@@ -42,6 +42,7 @@ _SIGNATURES = {
     "es_rms_norm": [_P, _P, ctypes.c_float, _I, _P],
     "es_decode_attention": [_P] * 5 + [_I] * 7 + [_P],
 }
+_FMT_CODE = {"q8_0": 0, "q4_0": 1, "q4_1": 2}   # decode_layer.c's FMT_*
 
 
 def _build() -> tuple[ctypes.CDLL | None, str]:
@@ -255,3 +256,15 @@ def q_reglu_ffn(x: torch.Tensor, gate, up, down_t, a_t=None, b_t=None, bias=None
                                        _ptr(bias), gate.data.data_ptr(), up.data.data_ptr(), down_t.data.data_ptr(),
                                        d, r, f, torch.get_num_threads(), out.data_ptr(), counts)
     return out, counts[0], counts[1]
+
+
+def q_ffn_dense(x: torch.Tensor, gate, up, down_t, act: str) -> torch.Tensor:
+    """Dense gated FFN of one token ``x [d]`` over QuantRows (``act``: relu or silu); fp32 ``[d]``.
+    One native call (decode_layer.c), the one the native decoder layer makes too."""
+    x = _f32(x)
+    out = torch.empty(down_t.cols, dtype=torch.float32)
+    fn = lib().es_ffn_dense_q
+    fn.argtypes, fn.restype = [_I, _I, _I, _P, _P, _P, _I, _I, _P, _I, _P], None
+    fn(_FMT_CODE[gate.fmt], _FMT_CODE[down_t.fmt], int(act == "relu"), gate.data.data_ptr(), up.data.data_ptr(),
+       down_t.data.data_ptr(), gate.cols, gate.shape[0], x.data_ptr(), torch.get_num_threads(), out.data_ptr())
+    return out

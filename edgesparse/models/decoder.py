@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from edgesparse.backends.formats import QuantRows
-from edgesparse.backends.interface import Executor, LinearWeights, rope
+from edgesparse.backends.interface import Executor, LayerStep, LinearWeights, rope
 from edgesparse.errors import InvalidOptionError
-from edgesparse.sparsity.ffn import FFN_MODES, StatsBook
+from edgesparse.sparsity.ffn import FFN_MODES, StatsBook, record_gather
 from .spec import ModelSpec
-from .weights import Layer, TopKAttention
+from .weights import Attention, GatedMLP, Layer, ReGLUMLP, TopKAttention
 
 
 @dataclass
@@ -45,6 +45,10 @@ class DecoderModel:
     in_rotation: LinearWeights | None = None    # LaRoSA: embeddings into the first basis
     out_rotation: LinearWeights | None = None   # and back before the final norm
     stats: StatsBook = field(default_factory=StatsBook)
+    # Decode steps of one sequence run each layer in one executor call where the backend can
+    # (Executor.decode_layer); False: always the composed ops (the reference it is tested against).
+    fused_decode: bool = True
+    _steps: dict = field(default_factory=dict, repr=False)
 
     @property
     def dtype(self):
@@ -128,6 +132,14 @@ class DecoderModel:
         nq, nkv, hd = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.head_dim
         for li, layer in enumerate(self.layers):
             attn, mlp = layer.attn, layer.mlp
+            step = self._layer_step(li, layer, mode, attn_sparse) if single and self.fused_decode else None
+            done = step and self.ex.decode_layer(step, x.view(-1), cache.k[li][0], cache.v[li][0], cos, sin,
+                                                 start, first)
+            if done:
+                x = done[0].view(1, 1, -1)
+                if step.ffn_sparse:
+                    record_gather(self.stats.layer(li), 1, step.ffn.gate.shape[0], done[1], done[2])
+                continue
             h = self.ex.rms_norm(x, attn.norm, s.eps)
             qkv = attn.project(self.ex, h, "qkv", attn_sparse)
             if single:
@@ -156,6 +168,24 @@ class DecoderModel:
         x = self.ex.rms_norm(x if all_logits else x[:, -1:], self.norm, s.eps)
         logits = self.ex.linear(x, self.lm_head)
         return logits if all_logits else logits[:, -1]
+
+    def _layer_step(self, li: int, layer: Layer, mode: str, attn_sparse: bool) -> LayerStep | None:
+        """The layer as one ``LayerStep`` for ``Executor.decode_layer`` (cached while the layer's
+        attention, MLP and predictor objects stay the same), or None for layers it cannot
+        describe: residual adapters (LaRoSA with per-layer rotations), Top-K MLPs, a Top-K
+        attention run densely."""
+        attn, mlp = layer.attn, layer.mlp
+        pred = getattr(mlp, "predictor", None)
+        hit = self._steps.get((li, mode, attn_sparse))
+        if hit is not None and hit[0] is attn and hit[1] is mlp and hit[2] is pred:
+            return hit[3]
+        step = None
+        usable_attn = type(attn) is Attention or (type(attn) is TopKAttention and attn_sparse)
+        if layer.adapter is None and attn.adapter is None and usable_attn and type(mlp) in (GatedMLP, ReGLUMLP):
+            step = LayerStep(attn.norm, attn.qkv, attn.o, mlp.norm, mlp.ffn, mode in ("exact", "predictor"),
+                             pred if mode == "predictor" else None, self.spec.n_heads, self.spec.eps)
+        self._steps[(li, mode, attn_sparse)] = (attn, mlp, pred, step)
+        return step
 
     def _attention_mask(self, cache: KVCache, start: int, end: int) -> torch.Tensor:
         """Boolean ``[B, 1, T, end]``: causal, no padding slots, within the sliding window."""

@@ -97,12 +97,16 @@ def topk_mlp(ex, x, mlp, sparse: bool):
 def _gather_path(ex, x, mlp, mode, stats):
     w = mlp.ffn
     out, gate_rows, active = ex.reglu_sparse(x, w, None if mode == "exact" else mlp.predictor)
-    n_tok = x.shape[0]
+    record_gather(stats, x.shape[0], w.gate.shape[0], gate_rows, active)
+    return out
+
+
+def record_gather(stats: SparsityStats, n_tok: int, d_ff: int, gate_rows, active) -> None:
+    """Counts of a gather-path FFN (rows per token, as ``Executor.reglu_sparse`` returns them)."""
     stats.tokens += n_tok
-    stats.neurons += n_tok * w.gate.shape[0]
+    stats.neurons += n_tok * d_ff
     stats.gate_rows += n_tok * gate_rows
     stats.active_rows += n_tok * active
-    return out
 
 
 def _masked_path(ex, x, mlp, mode, stats):

@@ -1,0 +1,173 @@
+/* One decoder layer of a single-token decode step in one native call (cpu backend,
+ * backends/cpu/layer_step.py): RMSNorm -> q/k/v (dense or Top-K) -> RoPE, cache write and
+ * attention -> o -> residual -> RMSNorm -> FFN (dense, exact or predictor-sparse ReGLU) ->
+ * residual, over block-quantised weights (q8_0 / q4_0 / q4_1).
+ *
+ * Why: at batch 1 a small model's token is mostly not weight streaming but ~15 Python-level
+ * executor calls per layer, each with ctypes marshalling, a torch allocation and a dtype
+ * conversion (SmolLM2-135M: 30 layers).  The layer is described once (ESLayer, built from the
+ * executor's prepared weights) and this function calls the same kernels the composed path
+ * calls, in the same order, rounding to the activation dtype (bf16 or fp32) at the points
+ * where the composed path converts each op's result: the native step is checked against the
+ * composed one (tests/backends/test_cpu_layer_step.py), which stays the reference. */
+#include "common.h"
+
+/* the kernels of sparse_rows.c / quant_rows.h and decode_ops.c */
+#define DECLARE_Q(F)                                                                              \
+    void es_gemv_##F(const uint8_t *, const float *, const float *, int, int, int, float *);     \
+    void es_weighted_rows_##F(const uint8_t *, const int64_t *, const float *, int, int, int, float *); \
+    void es_topk_linear_##F(const uint8_t *, const float *, int, int, int, int, float *);
+DECLARE_Q(q8)
+DECLARE_Q(q4)
+DECLARE_Q(q41)
+#define DECLARE_FFN(F, FD)                                                                        \
+    void es_reglu_ffn_##F##_##FD(const float *, const float *, const float *, const int8_t *,     \
+                                 const float *, const int8_t *, const float *, const float *,     \
+                                 const uint8_t *, const uint8_t *, const uint8_t *, int, int, int, int, \
+                                 float *, int64_t *);
+DECLARE_FFN(q8, q8)
+DECLARE_FFN(q4, q4)
+DECLARE_FFN(q41, q41)
+DECLARE_FFN(q4, q8)
+DECLARE_FFN(q41, q8)
+void es_decode_attention_bf16(const uint16_t *, const uint16_t *, const uint16_t *, uint16_t *, uint16_t *,
+                              int, int, int, int, int, int, int, uint16_t *);
+void es_decode_attention_f32(const float *, const float *, const float *, float *, float *,
+                             int, int, int, int, int, int, int, float *);
+
+enum { FMT_Q8 = 0, FMT_Q4 = 1, FMT_Q41 = 2 };
+enum { FFN_SILU = 0, FFN_RELU = 1, FFN_REGLU_SPARSE = 2 };
+
+typedef struct {
+    const uint8_t *w;    /* block rows: [rows, cols] */
+    const float *bias;   /* fp32 copy of the bias, or NULL */
+    int fmt, rows, cols;
+    int k;               /* Top-K linear (w = W^T, rows = inputs): inputs kept; 0: dense GEMV */
+} ESLinear;
+
+typedef struct {
+    int d, n_heads, n_kv, hd, max_len, bf16;   /* bf16: activations, norms and cache are bf16 */
+    float eps;
+    const void *attn_norm, *mlp_norm;
+    ESLinear qkv, o;
+    int ffn, gate_fmt, down_fmt, d_ff, rank;
+    const uint8_t *gate, *up, *down_t;
+    /* predictor (ffn == FFN_REGLU_SPARSE; a_t and qa both NULL: exact mode) */
+    const float *a_t, *b_t, *pbias, *sa, *sb;
+    const int8_t *qa, *qb;
+} ESLayer;
+
+/* the composed path's conversion of an op's fp32 result to the activation dtype */
+static inline float rnd(int bf16, float v) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
+static inline float ld(int bf16, const void *p, int i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* es_rms_norm_<dtype> on values already in the activation dtype */
+static void norm(const ESLayer *L, const float *x, const void *w, float *out) {
+    float ss = 0.f;
+    for (int i = 0; i < L->d; i++) ss += x[i] * x[i];
+    float r = 1.f / sqrtf(ss / (float)L->d + L->eps);
+    for (int i = 0; i < L->d; i++) out[i] = rnd(L->bf16, ld(L->bf16, w, i) * rnd(L->bf16, x[i] * r));
+}
+
+static void linear(const ESLayer *L, const ESLinear *w, const float *x, int nt, float *out) {
+    int n_out = w->k ? w->cols : w->rows;
+    if (w->k) {
+        switch (w->fmt) {
+        case FMT_Q8: es_topk_linear_q8(w->w, x, w->rows, w->cols, w->k, nt, out); break;
+        case FMT_Q4: es_topk_linear_q4(w->w, x, w->rows, w->cols, w->k, nt, out); break;
+        default: es_topk_linear_q41(w->w, x, w->rows, w->cols, w->k, nt, out);
+        }
+        for (int i = 0; i < n_out; i++)   /* Top-K: the bias is added after the conversion */
+            out[i] = w->bias ? rnd(L->bf16, rnd(L->bf16, out[i]) + w->bias[i]) : rnd(L->bf16, out[i]);
+        return;
+    }
+    switch (w->fmt) {
+    case FMT_Q8: es_gemv_q8(w->w, x, w->bias, w->rows, w->cols, nt, out); break;
+    case FMT_Q4: es_gemv_q4(w->w, x, w->bias, w->rows, w->cols, nt, out); break;
+    default: es_gemv_q41(w->w, x, w->bias, w->rows, w->cols, nt, out);
+    }
+    for (int i = 0; i < n_out; i++) out[i] = rnd(L->bf16, out[i]);
+}
+
+static void gemv_fmt(int fmt, const uint8_t *w, const float *x, int n, int d, int nt, float *out) {
+    switch (fmt) {
+    case FMT_Q8: es_gemv_q8(w, x, NULL, n, d, nt, out); break;
+    case FMT_Q4: es_gemv_q4(w, x, NULL, n, d, nt, out); break;
+    default: es_gemv_q41(w, x, NULL, n, d, nt, out);
+    }
+}
+
+/* The dense gated FFN of one token over block rows: act(gate . h) * (up . h), then the
+ * down projection as a row sum over down_t; fp32 in and out.  Also the composed path's
+ * ffn_dense (native.q_ffn_dense), so both paths compute the activation with the same code:
+ * the int8 rounding of the next op's input turns any last-bit difference (torch's SiLU vs
+ * this one) into visibly different logits a few layers on. */
+void es_ffn_dense_q(int gate_fmt, int down_fmt, int relu, const uint8_t *gate, const uint8_t *up,
+                    const uint8_t *down_t, int d, int f, const float *h, int nt, float *out) {
+    float *g = (float *)malloc(sizeof(float) * 2 * (size_t)f), *u = g + f;
+    gemv_fmt(gate_fmt, gate, h, f, d, nt, g);
+    gemv_fmt(gate_fmt, up, h, f, d, nt, u);
+    for (int i = 0; i < f; i++) {
+        float a = relu ? (g[i] > 0.f ? g[i] : 0.f) : g[i] / (1.f + expf(-g[i]));
+        g[i] = a * u[i];
+    }
+    switch (down_fmt) {
+    case FMT_Q8: es_weighted_rows_q8(down_t, NULL, g, f, d, nt, out); break;
+    case FMT_Q4: es_weighted_rows_q4(down_t, NULL, g, f, d, nt, out); break;
+    default: es_weighted_rows_q41(down_t, NULL, g, f, d, nt, out);
+    }
+    free(g);
+}
+
+/* out [d] (fp32, not yet rounded); counts = (gate rows, active rows) of a sparse FFN */
+static void ffn(const ESLayer *L, const float *h, int nt, float *out, int64_t *counts) {
+    const int d = L->d, f = L->d_ff;
+    if (L->ffn == FFN_REGLU_SPARSE) {
+#define CALL(F, FD) es_reglu_ffn_##F##_##FD(h, L->a_t, L->b_t, L->qa, L->sa, L->qb, L->sb, L->pbias, L->gate, \
+                                            L->up, L->down_t, d, L->rank, f, nt, out, counts)
+        if (L->gate_fmt == FMT_Q8) CALL(q8, q8);
+        else if (L->gate_fmt == FMT_Q4) { if (L->down_fmt == FMT_Q4) CALL(q4, q4); else CALL(q4, q8); }
+        else { if (L->down_fmt == FMT_Q41) CALL(q41, q41); else CALL(q41, q8); }
+#undef CALL
+        return;
+    }
+    es_ffn_dense_q(L->gate_fmt, L->down_fmt, L->ffn == FFN_RELU, L->gate, L->up, L->down_t, d, f, h, nt, out);
+    counts[0] = counts[1] = f;
+}
+
+/* x [d] (activation dtype) is updated in place; cos/sin: this position's RoPE rows. */
+void es_decode_layer(const ESLayer *L, void *x_io, void *cache_k, void *cache_v, const void *cos,
+                     const void *sin, int slot, int first, int nt, int64_t *counts) {
+    const int d = L->d, nq = L->n_heads * L->hd, nqkv = L->qkv.k ? L->qkv.cols : L->qkv.rows;
+    float *x = (float *)malloc(sizeof(float) * (size_t)(3 * d + 2 * nqkv + 2 * nq));
+    float *h = x + d, *y = h + d, *qkv = y + d, *att = qkv + nqkv;
+    void *tmp = att + nq;   /* the attention op's input and output in the activation dtype */
+    for (int i = 0; i < d; i++) x[i] = ld(L->bf16, x_io, i);
+
+    norm(L, x, L->attn_norm, h);
+    linear(L, &L->qkv, h, nt, qkv);
+    if (L->bf16) {
+        uint16_t *q16 = (uint16_t *)tmp, *o16 = q16 + nqkv;
+        for (int i = 0; i < nqkv; i++) q16[i] = f32_to_bf16(qkv[i]);
+        es_decode_attention_bf16(q16, (const uint16_t *)cos, (const uint16_t *)sin, (uint16_t *)cache_k,
+                                 (uint16_t *)cache_v, L->n_heads, L->n_kv, L->hd, L->max_len, slot, first, nt, o16);
+        for (int i = 0; i < nq; i++) att[i] = bf16_to_f32(o16[i]);
+    } else {
+        es_decode_attention_f32(qkv, (const float *)cos, (const float *)sin, (float *)cache_k, (float *)cache_v,
+                                L->n_heads, L->n_kv, L->hd, L->max_len, slot, first, nt, att);
+    }
+    linear(L, &L->o, att, nt, y);
+    for (int i = 0; i < d; i++) x[i] = rnd(L->bf16, x[i] + y[i]);
+
+    norm(L, x, L->mlp_norm, h);
+    ffn(L, h, nt, y, counts);
+    for (int i = 0; i < d; i++) x[i] = rnd(L->bf16, x[i] + rnd(L->bf16, y[i]));
+
+    for (int i = 0; i < d; i++) {
+        if (L->bf16) ((uint16_t *)x_io)[i] = f32_to_bf16(x[i]);
+        else ((float *)x_io)[i] = x[i];
+    }
+    free(x);
+}

@@ -1,0 +1,125 @@
+"""One native call per decoder layer for single-token decode (``csrc/decode_layer.c``).
+
+A ``LayerStep`` (the decoder's description of a layer in the executor's weight types) is
+turned once into a C descriptor, ``ESLayer``: pointers to the block rows, formats, shapes,
+fp32 copies of biases and the predictor.  Each decode step then costs one ctypes call per
+layer instead of ~15 executor calls, each with its own marshalling, allocations and dtype
+conversions (docs/performance.md).  Covered: block-quantised weights (q8_0 / q4_0 / q4_1)
+throughout the layer, bf16 or fp32 activations, dense or Top-K attention projections, a
+dense (SiLU / ReLU) or sparse ReGLU FFN.  Anything else (float weights, SwiGLU under Top-K,
+residual adapters) returns None and the decoder composes the layer from executor ops."""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from ..formats import QuantRows
+from ..interface import LayerStep, LinearWeights, TopKWeights
+from . import native
+
+_FMT = native._FMT_CODE
+_SILU, _RELU, _REGLU_SPARSE = 0, 1, 2
+_ACT = {torch.bfloat16: 1, torch.float32: 0}
+_P, _I = ctypes.c_void_p, ctypes.c_int
+
+
+class ESLinear(ctypes.Structure):
+    _fields_ = [("w", _P), ("bias", _P), ("fmt", _I), ("rows", _I), ("cols", _I), ("k", _I)]
+
+
+class ESLayer(ctypes.Structure):
+    _fields_ = [("d", _I), ("n_heads", _I), ("n_kv", _I), ("hd", _I), ("max_len", _I), ("bf16", _I),
+                ("eps", ctypes.c_float), ("attn_norm", _P), ("mlp_norm", _P), ("qkv", ESLinear), ("o", ESLinear),
+                ("ffn", _I), ("gate_fmt", _I), ("down_fmt", _I), ("d_ff", _I), ("rank", _I),
+                ("gate", _P), ("up", _P), ("down_t", _P),
+                ("a_t", _P), ("b_t", _P), ("pbias", _P), ("sa", _P), ("sb", _P), ("qa", _P), ("qb", _P)]
+
+
+def _fn():
+    lib = native.lib()
+    if lib is None:
+        return None
+    fn = lib.es_decode_layer
+    if fn.argtypes is None:
+        fn.argtypes, fn.restype = [ctypes.POINTER(ESLayer), _P, _P, _P, _P, _P, _I, _I, _I, _P], None
+    return fn
+
+
+class Plan:
+    """The descriptor of one layer and everything it points into (kept alive with it)."""
+
+    def __init__(self, desc: ESLayer, keep: list):
+        self.desc, self.keep = desc, keep
+        self.ref = ctypes.byref(desc)
+
+
+def _quant(w) -> bool:
+    return isinstance(w, QuantRows) and w.fmt in _FMT and w.data.is_cpu and w.data.is_contiguous()
+
+
+def _linear(w, keep: list) -> ESLinear | None:
+    """A dense linear, or a Top-K one that really skips inputs (K = all is the torch path's)."""
+    mat = w.weight if isinstance(w, LinearWeights) else w.weight_t
+    if not _quant(mat):
+        return None
+    k = 0
+    if isinstance(w, TopKWeights):
+        if not 0 < w.k < mat.shape[0]:
+            return None
+        k = w.k
+    bias = None if w.bias is None else w.bias.float().contiguous()
+    keep += [mat, bias]
+    return ESLinear(mat.data.data_ptr(), 0 if bias is None else bias.data_ptr(), _FMT[mat.fmt], mat.shape[0], mat.cols, k)
+
+
+def build(step: LayerStep, cache_k: torch.Tensor, act_dtype: torch.dtype) -> Plan | None:
+    """The native descriptor of ``step``, or None where the native step does not cover it."""
+    if _fn() is None or act_dtype not in _ACT or cache_k.dtype != act_dtype or not cache_k.is_contiguous():
+        return None
+    f = step.ffn
+    if not (_quant(f.gate) and _quant(f.up) and _quant(f.down_t)) or f.gate.fmt != f.up.fmt:
+        return None
+    if step.attn_norm.dtype != act_dtype or step.mlp_norm.dtype != act_dtype:
+        return None
+    keep: list = [step.attn_norm, step.mlp_norm]
+    qkv, o = _linear(step.qkv, keep), _linear(step.o, keep)
+    if qkv is None or o is None:
+        return None
+    n_kv, max_len, hd = cache_k.shape
+    d = step.attn_norm.numel()
+    desc = ESLayer(d=d, n_heads=step.n_heads, n_kv=n_kv, hd=hd, max_len=max_len, bf16=_ACT[act_dtype],
+                   eps=step.eps, attn_norm=step.attn_norm.data_ptr(), mlp_norm=step.mlp_norm.data_ptr(), qkv=qkv, o=o,
+                   gate_fmt=_FMT[f.gate.fmt], down_fmt=_FMT[f.down_t.fmt], d_ff=f.gate.shape[0],
+                   gate=f.gate.data.data_ptr(), up=f.up.data.data_ptr(), down_t=f.down_t.data.data_ptr())
+    if not step.ffn_sparse:
+        if f.act not in ("silu", "relu"):
+            return None
+        desc.ffn = _SILU if f.act == "silu" else _RELU
+    else:
+        if not native.supports_ffn(f.gate, f.up, f.down_t):
+            return None
+        desc.ffn = _REGLU_SPARSE
+        p = step.predictor
+        if p is not None:
+            if not p.fp32:
+                return None
+            a_t, b_t, bias = p.fp32
+            qa, sa, qb, sb = p.packed or (None,) * 4
+            desc.rank = qa.shape[0] if qa is not None else a_t.shape[0]
+            for name, t in (("a_t", a_t), ("b_t", b_t), ("pbias", bias), ("qa", qa), ("sa", sa), ("qb", qb), ("sb", sb)):
+                if t is not None:
+                    t = t.contiguous()
+                    keep.append(t)
+                    setattr(desc, name, t.data_ptr())
+    return Plan(desc, keep)
+
+
+def run(plan: Plan, x: torch.Tensor, cache_k, cache_v, cos, sin, slot: int, first: int):
+    """``x [d]`` -> ``(x_out [d], gate_rows, active_rows)`` through the native layer."""
+    out = x.to(cache_k.dtype).contiguous().clone()
+    cos, sin = cos.to(cache_k.dtype).contiguous(), sin.to(cache_k.dtype).contiguous()   # held: C reads them
+    counts = (ctypes.c_int64 * 2)()
+    _fn()(plan.ref, out.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+          slot, first, torch.get_num_threads(), counts)
+    return out, counts[0], counts[1]

@@ -1,0 +1,129 @@
+"""The cpu backend's one-call decoder layer (``layer_step.py``, ``csrc/decode_layer.c``)
+against the composed executor ops it replaces: the same logits and greedy tokens for every
+weight format, activation dtype, FFN mode and attention mode it covers, and the composed
+path wherever it does not apply."""
+import pytest
+import torch
+
+import edgesparse
+from edgesparse.backends.cpu import layer_step, native
+
+from conftest import TEXT
+
+pytestmark = pytest.mark.skipif(native.lib() is None, reason=f"native kernels: {native.status()}")
+PROMPT = torch.tensor([[1, 50, 60, 70, 80, 90, 100, 33]])
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """How many layers ran through the native step."""
+    n = {"layers": 0}
+    real = layer_step.run
+
+    def counted(*a, **kw):
+        n["layers"] += 1
+        return real(*a, **kw)
+    monkeypatch.setattr(layer_step, "run", counted)
+    return n
+
+
+def _decode(model, fused: bool, steps: int = 6):
+    """Greedy tokens and every decode step's logits, fused or composed."""
+    model.fused_decode = fused
+    model.stats.reset()
+    with torch.inference_mode():
+        cache = model.new_cache(1, 32)
+        logits = model.forward(PROMPT, cache, torch.arange(8)[None])
+        toks, all_logits = [], []
+        for t in range(steps):
+            tok = int(logits.argmax(-1))
+            toks.append(tok)
+            logits = model.forward(torch.tensor([[tok]]), cache, torch.tensor([[8 + t]]))
+            all_logits.append(logits[0].float())
+    model.fused_decode = True
+    return toks, torch.stack(all_logits), model.stats.summary()
+
+
+def _same(model, calls, n_layers):
+    want_toks, want, want_stats = _decode(model, fused=False)
+    assert calls["layers"] == 0
+    got_toks, got, got_stats = _decode(model, fused=True)
+    assert calls["layers"] == 6 * n_layers   # every decode step, every layer, went native
+    assert got_toks == want_toks
+    # the same kernels in the same order; only the order of the threads' partial sums differs
+    assert ((got - want).norm() / want.norm()).item() < 1e-3
+    assert got_stats == pytest.approx(want_stats, abs=0.02)
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["dense", "exact"])
+def test_tiny_model_formats_dtypes_and_ffn_modes(fmt, dtype, mode, calls):
+    llm = edgesparse.load("tiny", backend="cpu", dtype=dtype, weights=fmt)
+    llm.model.set_ffn_mode(mode)
+    _same(llm.model, calls, len(llm.model.layers))
+
+
+def test_swiglu_qwen2_with_biases(ckpt_factory, calls):
+    """SiLU FFN, q/k/v biases (Qwen2), an odd block count (d = 96: three blocks)."""
+    path = ckpt_factory("qwen2", "silu", hidden_size=96, intermediate_size=224, num_attention_heads=3,
+                        num_key_value_heads=1)
+    llm = edgesparse.load(path, backend="cpu", dtype="fp32", weights="q8_0")
+    assert llm.model.layers[0].attn.qkv.bias is not None
+    _same(llm.model, calls, len(llm.model.layers))
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory, ckpt_factory):
+    """A ReGLU checkpoint calibrated at q8_0: predictors and 40% Top-K attention under one
+    global rotation (no residual adapters)."""
+    path = ckpt_factory("llama", "relu")
+    tmp = tmp_path_factory.mktemp("calib")
+    data = tmp / "calib.txt"
+    data.write_text(TEXT * 20)
+    rep = edgesparse.calibrate(path, tmp / "a", data=[data], backend="cpu", tokens=512, window=64, weights="q8_0",
+                               attn_sparsity=0.4, rotation="global")
+    return path, rep["artifacts"]
+
+
+def test_predictor_and_topk_attention(calibrated, calls):
+    path, arts = calibrated
+    llm = edgesparse.load(path, backend="cpu", weights="q8_0", artifacts=arts)
+    m = llm.model
+    assert m.ffn_mode == "predictor" and m.attn_mode == "topk"
+    _same(m, calls, len(m.layers))
+    with m.modes(attn="dense"):   # a Top-K layer run densely is left to the composed ops
+        _decode(m, fused=True)
+    assert calls["layers"] == 6 * len(m.layers)
+
+
+def test_not_covered_layers_are_composed(ckpt_factory, calls):
+    """Float weights, and per-layer rotations' residual adapters, take the composed ops."""
+    llm = edgesparse.load("tiny", backend="cpu", dtype="bf16")
+    toks, _, _ = _decode(llm.model, fused=True)
+    assert calls["layers"] == 0 and len(toks) == 6
+    step = llm.model._layer_step(0, llm.model.layers[0], "dense", False)
+    cache = llm.model.new_cache(1, 8)
+    assert layer_step.build(step, cache.k[0][0], torch.bfloat16) is None
+
+
+def test_generate_is_token_identical(calls):
+    llm = edgesparse.load("tiny", backend="cpu", weights="q4_0")
+    fused = llm.generate("The history of the city", max_new_tokens=12).token_ids
+    assert calls["layers"] > 0
+    llm.model.fused_decode = False
+    assert llm.generate("The history of the city", max_new_tokens=12).token_ids == fused
+
+
+SMOLLM2 = __import__("pathlib").Path(__file__).resolve().parents[2] / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.skipif(not SMOLLM2.exists(), reason="run bench/get_smollm2.py first")
+def test_smollm2_q4_1_greedy_text_is_identical(calls):
+    """A real model in its own Q4_1 blocks (q8_0 down projection, SiLU): 40 greedy tokens
+    through the native layers equal the composed ops' tokens."""
+    llm = edgesparse.load(SMOLLM2, backend="cpu")
+    fused = llm.generate("The capital of France is", max_new_tokens=40).token_ids
+    assert calls["layers"] >= 39 * len(llm.model.layers)
+    llm.model.fused_decode = False
+    assert llm.generate("The capital of France is", max_new_tokens=40).token_ids == fused
