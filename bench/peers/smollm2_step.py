@@ -1,0 +1,66 @@
+"""SmolLM2-135M-Instruct, its own Q4_1 file, in llama.cpp and edgesparse in one sitting:
+dense decode tok/s with the native decoder layer (one C call per layer) and with the
+composed executor ops, plus whether their greedy tokens agree.  Not part of CI.
+
+    python bench/peers/smollm2_step.py --llama-bench /tmp/peer/llama.cpp/build/bin/llama-bench \
+        [--gguf models/SmolLM2-135M-Instruct.Q4_1.gguf] [--threads 2] [--out bench/results/smollm2_step.json]
+
+llama.cpp: ``llama-bench -t T -p 0 -n 64 -r 3`` (build it with bench/peers/llamacpp.py).
+edgesparse: ``generate`` of 64 new tokens after a short prompt, 5 rounds per path,
+interleaved; tok/s as ``Completion.tokens_per_s`` reports it (decode only)."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--llama-bench", type=Path, required=True)
+    ap.add_argument("--gguf", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/smollm2_step.json")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+
+    import edgesparse
+    from edgesparse.benchmarks.ffn import read_bandwidth_gbs
+    r = subprocess.run([a.llama_bench, "-m", a.gguf, "-t", str(a.threads), "-p", "0", "-n", "64", "-r", "3",
+                        "-o", "json"], capture_output=True, text=True, check=True)
+    peer = json.loads(r.stdout)[0]["samples_ts"]
+
+    llm = edgesparse.load(a.gguf, backend="cpu")
+    prompt = "The capital of France is"
+    samples, tokens = {"native_layer": [], "composed": []}, {}
+    for _ in range(a.rounds):
+        for name, fused in (("native_layer", True), ("composed", False)):
+            llm.model.fused_decode = fused
+            c = llm.generate(prompt, max_new_tokens=64)
+            samples[name].append(round(c.tokens_per_s, 2))
+            tokens[name] = c.token_ids
+    llm.model.fused_decode = True
+    peer_med = statistics.median(peer)
+    res = {
+        "model": a.gguf.name, "threads": a.threads, "bandwidth_gbs": round(read_bandwidth_gbs(llm.model.ex), 2),
+        "llama_cpp_tok_s": round(peer_med, 2), "llama_cpp_samples": peer,
+        **{f"{k}_tok_s": round(statistics.median(v), 2) for k, v in samples.items()},
+        **{f"{k}_samples": v for k, v in samples.items()},
+        "native_layer_vs_llama_cpp": round(statistics.median(samples["native_layer"]) / peer_med, 3),
+        "composed_vs_llama_cpp": round(statistics.median(samples["composed"]) / peer_med, 3),
+        "greedy_tokens_identical": tokens["native_layer"] == tokens["composed"],
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
