@@ -14,4 +14,16 @@ out=$(printf 'Tell me about the city\n/stats\n/quit\n' | "$root/.venv-wheel/bin/
 echo "$out"
 echo "$out" | grep -q "tokens/s" || { echo "wheel check: no answer from chat" >&2; exit 1; }
 "$root/.venv-wheel/bin/python" -c "import edgesparse, sys; sys.exit('source tree imported' if '$root/edgesparse' in edgesparse.__file__ else 0)"
+# The native kernels build from the wheel's C sources, and a q4_0 decode runs its layers natively.
+"$root/.venv-wheel/bin/python" - <<'PY'
+import edgesparse
+from edgesparse.backends.cpu import layer_step, native
+assert native.lib() is not None, native.status()
+calls, real = [], layer_step.run
+layer_step.run = lambda *a: calls.append(1) or real(*a)
+llm = edgesparse.load("tiny", backend="cpu", weights="q4_0")
+assert llm.generate("The history of the city", max_new_tokens=4).token_ids
+assert calls, "wheel check: the native decoder layer did not run"
+print(f"wheel check: q4_0 decode, {len(calls)} layers through the native step")
+PY
 echo "wheel check: ok"

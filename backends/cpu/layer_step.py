@@ -14,11 +14,10 @@ import ctypes
 
 import torch
 
-from ..formats import QuantRows
 from ..interface import LayerStep, LinearWeights, TopKWeights
 from . import native
 
-_FMT = native._FMT_CODE
+_FMT = native.FMT_CODE
 _SILU, _RELU, _REGLU_SPARSE = 0, 1, 2
 _ACT = {torch.bfloat16: 1, torch.float32: 0}
 _P, _I = ctypes.c_void_p, ctypes.c_int
@@ -54,14 +53,10 @@ class Plan:
         self.ref = ctypes.byref(desc)
 
 
-def _quant(w) -> bool:
-    return isinstance(w, QuantRows) and w.fmt in _FMT and w.data.is_cpu and w.data.is_contiguous()
-
-
 def _linear(w, keep: list) -> ESLinear | None:
     """A dense linear, or a Top-K one that really skips inputs (K = all is the torch path's)."""
     mat = w.weight if isinstance(w, LinearWeights) else w.weight_t
-    if not _quant(mat):
+    if not native.supports_quant(mat):
         return None
     k = 0
     if isinstance(w, TopKWeights):
@@ -78,7 +73,7 @@ def build(step: LayerStep, cache_k: torch.Tensor, act_dtype: torch.dtype) -> Pla
     if _fn() is None or act_dtype not in _ACT or cache_k.dtype != act_dtype or not cache_k.is_contiguous():
         return None
     f = step.ffn
-    if not (_quant(f.gate) and _quant(f.up) and _quant(f.down_t)) or f.gate.fmt != f.up.fmt:
+    if not native.supports_quant(f.gate, f.up, f.down_t) or f.gate.fmt != f.up.fmt:
         return None
     if step.attn_norm.dtype != act_dtype or step.mlp_norm.dtype != act_dtype:
         return None

@@ -42,7 +42,9 @@ _SIGNATURES = {
     "es_rms_norm": [_P, _P, ctypes.c_float, _I, _P],
     "es_decode_attention": [_P] * 5 + [_I] * 7 + [_P],
 }
-_FMT_CODE = {"q8_0": 0, "q4_0": 1, "q4_1": 2}   # decode_layer.c's FMT_*
+FMT_CODE = {"q8_0": 0, "q4_0": 1, "q4_1": 2}   # decode_layer.c's FMT_*
+# Kernels with one name for every format (the format is an argument: FMT_CODE).
+_PLAIN_SIGNATURES = {"es_ffn_dense_q": [_I, _I, _I, _P, _P, _P, _I, _I, _P, _I, _P]}
 
 
 def _build() -> tuple[ctypes.CDLL | None, str]:
@@ -73,6 +75,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         for suffix in (*_SUFFIX.values(), *quant):
             fn = getattr(lib, f"{name}_{suffix}")
             fn.argtypes, fn.restype = argtypes, None
+    for name, argtypes in _PLAIN_SIGNATURES.items():
+        getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
     return lib, f"native kernels ({out.name})"
 
 
@@ -263,8 +267,7 @@ def q_ffn_dense(x: torch.Tensor, gate, up, down_t, act: str) -> torch.Tensor:
     One native call (decode_layer.c), the one the native decoder layer makes too."""
     x = _f32(x)
     out = torch.empty(down_t.cols, dtype=torch.float32)
-    fn = lib().es_ffn_dense_q
-    fn.argtypes, fn.restype = [_I, _I, _I, _P, _P, _P, _I, _I, _P, _I, _P], None
-    fn(_FMT_CODE[gate.fmt], _FMT_CODE[down_t.fmt], int(act == "relu"), gate.data.data_ptr(), up.data.data_ptr(),
-       down_t.data.data_ptr(), gate.cols, gate.shape[0], x.data_ptr(), torch.get_num_threads(), out.data_ptr())
+    lib().es_ffn_dense_q(FMT_CODE[gate.fmt], FMT_CODE[down_t.fmt], int(act == "relu"), gate.data.data_ptr(), up.data.data_ptr(),
+                         down_t.data.data_ptr(), gate.cols, gate.shape[0], x.data_ptr(), torch.get_num_threads(),
+                         out.data_ptr())
     return out

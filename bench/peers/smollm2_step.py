@@ -2,10 +2,11 @@
 dense decode tok/s with the native decoder layer (one C call per layer) and with the
 composed executor ops, plus whether their greedy tokens agree.  Not part of CI.
 
-    python bench/peers/smollm2_step.py --llama-bench /tmp/peer/llama.cpp/build/bin/llama-bench \
+    python bench/peers/smollm2_step.py --llama-cpp /tmp/peer/llama.cpp \
         [--gguf models/SmolLM2-135M-Instruct.Q4_1.gguf] [--threads 2] [--out bench/results/smollm2_step.json]
 
-llama.cpp: ``llama-bench -t T -p 0 -n 64 -r 3`` (build it with bench/peers/llamacpp.py).
+llama.cpp: its built source tree (``bench/peers/llamacpp.py`` builds it and runs ``llama-bench -t T
+-p 0 -n 64 -r 3`` through the same function).
 edgesparse: ``generate`` of 64 new tokens after a short prompt, 5 rounds per path,
 interleaved; tok/s as ``Completion.tokens_per_s`` reports it (decode only)."""
 from __future__ import annotations
@@ -13,17 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 from pathlib import Path
 
 import torch
+from llamacpp import llama_bench   # this folder's peer benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--llama-bench", type=Path, required=True)
+    ap.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp source dir with build/bin/llama-bench")
     ap.add_argument("--gguf", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
@@ -33,9 +34,7 @@ def main():
 
     import edgesparse
     from edgesparse.benchmarks.ffn import read_bandwidth_gbs
-    r = subprocess.run([a.llama_bench, "-m", a.gguf, "-t", str(a.threads), "-p", "0", "-n", "64", "-r", "3",
-                        "-o", "json"], capture_output=True, text=True, check=True)
-    peer = json.loads(r.stdout)[0]["samples_ts"]
+    peer = llama_bench(a.llama_cpp, a.gguf, a.threads)["samples"]
 
     llm = edgesparse.load(a.gguf, backend="cpu")
     prompt = "The capital of France is"
@@ -55,6 +54,8 @@ def main():
         **{f"{k}_samples": v for k, v in samples.items()},
         "native_layer_vs_llama_cpp": round(statistics.median(samples["native_layer"]) / peer_med, 3),
         "composed_vs_llama_cpp": round(statistics.median(samples["composed"]) / peer_med, 3),
+        "native_layer_vs_composed": round(statistics.median(samples["native_layer"])
+                                          / statistics.median(samples["composed"]), 3),
         "greedy_tokens_identical": tokens["native_layer"] == tokens["composed"],
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)

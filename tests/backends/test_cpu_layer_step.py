@@ -2,6 +2,8 @@
 against the composed executor ops it replaces: the same logits and greedy tokens for every
 weight format, activation dtype, FFN mode and attention mode it covers, and the composed
 path wherever it does not apply."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -115,7 +117,7 @@ def test_generate_is_token_identical(calls):
     assert llm.generate("The history of the city", max_new_tokens=12).token_ids == fused
 
 
-SMOLLM2 = __import__("pathlib").Path(__file__).resolve().parents[2] / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2 = Path(__file__).resolve().parents[2] / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.mark.skipif(not SMOLLM2.exists(), reason="run bench/get_smollm2.py first")

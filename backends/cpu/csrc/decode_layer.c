@@ -71,6 +71,14 @@ static void norm(const ESLayer *L, const float *x, const void *w, float *out) {
     for (int i = 0; i < L->d; i++) out[i] = rnd(L->bf16, ld(L->bf16, w, i) * rnd(L->bf16, x[i] * r));
 }
 
+static void gemv_fmt(int fmt, const uint8_t *w, const float *x, const float *bias, int n, int d, int nt, float *out) {
+    switch (fmt) {
+    case FMT_Q8: es_gemv_q8(w, x, bias, n, d, nt, out); break;
+    case FMT_Q4: es_gemv_q4(w, x, bias, n, d, nt, out); break;
+    default: es_gemv_q41(w, x, bias, n, d, nt, out);
+    }
+}
+
 static void linear(const ESLayer *L, const ESLinear *w, const float *x, int nt, float *out) {
     int n_out = w->k ? w->cols : w->rows;
     if (w->k) {
@@ -83,20 +91,8 @@ static void linear(const ESLayer *L, const ESLinear *w, const float *x, int nt, 
             out[i] = w->bias ? rnd(L->bf16, rnd(L->bf16, out[i]) + w->bias[i]) : rnd(L->bf16, out[i]);
         return;
     }
-    switch (w->fmt) {
-    case FMT_Q8: es_gemv_q8(w->w, x, w->bias, w->rows, w->cols, nt, out); break;
-    case FMT_Q4: es_gemv_q4(w->w, x, w->bias, w->rows, w->cols, nt, out); break;
-    default: es_gemv_q41(w->w, x, w->bias, w->rows, w->cols, nt, out);
-    }
+    gemv_fmt(w->fmt, w->w, x, w->bias, w->rows, w->cols, nt, out);
     for (int i = 0; i < n_out; i++) out[i] = rnd(L->bf16, out[i]);
-}
-
-static void gemv_fmt(int fmt, const uint8_t *w, const float *x, int n, int d, int nt, float *out) {
-    switch (fmt) {
-    case FMT_Q8: es_gemv_q8(w, x, NULL, n, d, nt, out); break;
-    case FMT_Q4: es_gemv_q4(w, x, NULL, n, d, nt, out); break;
-    default: es_gemv_q41(w, x, NULL, n, d, nt, out);
-    }
 }
 
 /* The dense gated FFN of one token over block rows: act(gate . h) * (up . h), then the
@@ -107,8 +103,8 @@ static void gemv_fmt(int fmt, const uint8_t *w, const float *x, int n, int d, in
 void es_ffn_dense_q(int gate_fmt, int down_fmt, int relu, const uint8_t *gate, const uint8_t *up,
                     const uint8_t *down_t, int d, int f, const float *h, int nt, float *out) {
     float *g = (float *)malloc(sizeof(float) * 2 * (size_t)f), *u = g + f;
-    gemv_fmt(gate_fmt, gate, h, f, d, nt, g);
-    gemv_fmt(gate_fmt, up, h, f, d, nt, u);
+    gemv_fmt(gate_fmt, gate, h, NULL, f, d, nt, g);
+    gemv_fmt(gate_fmt, up, h, NULL, f, d, nt, u);
     for (int i = 0; i < f; i++) {
         float a = relu ? (g[i] > 0.f ? g[i] : 0.f) : g[i] / (1.f + expf(-g[i]));
         g[i] = a * u[i];
