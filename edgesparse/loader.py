@@ -197,4 +197,8 @@ def load_model(path, backend: str = "auto", dtype=None, weights: str | None = No
         fmt = weights if weights in BLOCK_FORMATS else None
         sd = load_state_dict(p)
     ex.weight_format = fmt
-    return build_model(config, sd, ex, dtype, family), tok, config, p
+    model = build_model(config, sd, ex, dtype, family)
+    if fmt is not None and p.suffix != ".gguf":   # blocks made from float: keep a way back to them
+        from .models.source import FloatSource
+        model.float_source = FloatSource.from_safetensors(sorted(p.glob("*.safetensors")), family.tensors)
+    return model, tok, config, p

@@ -36,6 +36,10 @@ def synthetic_model(name: str, backend: str, dtype, weights: str | None = None):
     ex = get_executor(backend)
     ex.weight_format = weights
     model = build_model(cfg, sd, ex, dtype)
+    if weights is not None:   # LaRoSA folds into the float values, then quantises once
+        from ..models.families import family_of_config
+        from ..models.source import FloatSource
+        model.float_source = FloatSource(hf.state_dict().__getitem__, family_of_config(cfg).tensors)
     return hf, model, cfg
 
 

@@ -17,6 +17,7 @@ from edgesparse.backends.formats import QuantRows
 from edgesparse.backends.interface import Executor, LayerStep, LinearWeights, rope
 from edgesparse.errors import InvalidOptionError
 from edgesparse.sparsity.ffn import FFN_MODES, StatsBook, record_gather
+from .source import FloatSource
 from .spec import ModelSpec
 from .weights import Attention, GatedMLP, Layer, ReGLUMLP, TopKAttention
 
@@ -45,6 +46,9 @@ class DecoderModel:
     in_rotation: LinearWeights | None = None    # LaRoSA: embeddings into the first basis
     out_rotation: LinearWeights | None = None   # and back before the final norm
     stats: StatsBook = field(default_factory=StatsBook)
+    # The checkpoint's float matrices when the blocks were quantised from them at load
+    # (models/source.py): LaRoSA folds into those, so its folds are quantised only once.
+    float_source: "FloatSource | None" = field(default=None, repr=False)
     # Decode steps of one sequence run each layer in one executor call where the backend can
     # (Executor.decode_layer); False: always the composed ops (the reference it is tested against).
     fused_decode: bool = True

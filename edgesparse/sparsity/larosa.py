@@ -109,14 +109,25 @@ def install_topk(model, ks: dict, rot_attn=None, rot_mlp=None, scaled: bool = Fa
     ex, dt, spec = model.ex, model.dtype, model.spec
     if not all(isinstance(l.attn, Attention) for l in model.layers):
         raise ArtifactError("Top-K is already installed on this model")
-    rotated = rot_attn is not None
     saved = ex.weight_format
-    if rotated:   # folded weights start from the stored values: quantised a second time
+    if model.float_source is None:
+        # Top-K layouts (Wᵀ) and folds start from the stored values, quantised a second time
+        # across new axes; with the checkpoint's float values at hand they are quantised once.
         ex.weight_format = requantised_format(saved)
     try:
         _install(model, ex, dt, spec, ks, rot_attn, rot_mlp, scaled)
     finally:
         ex.weight_format = saved
+
+
+def _float_layer(model, li: int, layer) -> dict[str, torch.Tensor]:
+    """Layer ``li``'s matrices in float64: the checkpoint's own values where the model keeps
+    its float source (``models/source.py``), else the stored (de-quantised) ones."""
+    if model.float_source is not None:
+        return model.float_source.layer(li)
+    f = layer.mlp.ffn
+    return dict(qkv=layer.attn.qkv.weight.double(), o=layer.attn.o.weight.double(), gate=f.gate.double(),
+                up=f.up.double(), down_t=f.down_t.double())
 
 
 def _install(model, ex, dt, spec, ks, rot_attn, rot_mlp, scaled):
@@ -127,12 +138,13 @@ def _install(model, ex, dt, spec, ks, rot_attn, rot_mlp, scaled):
         dev = attn.qkv.weight.device
         qa = rot_attn[li].to(dev) if rotated else None
         qm = rot_mlp[li].to(dev) if rotated else None
+        mats = _float_layer(model, li, layer)
         # -- attention: qkv reads the (rotated) input; o writes into the residual basis ------
-        w, bqkv = attn.qkv.weight.double(), attn.qkv.bias
+        w, bqkv = mats["qkv"].to(dev), attn.qkv.bias
         norm = attn.norm.double()
         if rotated:
             w, norm = (w * norm) @ qa, torch.ones_like(norm)
-        wo, bo = attn.o.weight.double(), attn.o.bias
+        wo, bo = mats["o"].to(dev), attn.o.bias
         if rotated:
             wo = qa.T @ wo
             bo = None if bo is None else (bo.double() @ qa).to(dt)
@@ -144,7 +156,7 @@ def _install(model, ex, dt, spec, ks, rot_attn, rot_mlp, scaled):
                                  ex.prepare_topk(wo.to(dt), bo, ks["o"]), _adapter(ex, qa, qm, dt))
         # -- MLP ---------------------------------------------------------------------------------
         f = mlp.ffn
-        gate, up, down_t = f.gate.double(), f.up.double(), f.down_t.double()
+        gate, up, down_t = (mats[k].to(dev) for k in ("gate", "up", "down_t"))
         mlp_norm, predictor = mlp.norm, getattr(mlp, "predictor", None)
         if rotated:
             gm = mlp_norm.double()
@@ -159,7 +171,9 @@ def _install(model, ex, dt, spec, ks, rot_attn, rot_mlp, scaled):
             gate, up, mlp_norm = gate / c, up / c, (gm * c).to(dt)
             cd = down_t.norm(dim=1).clamp(min=1e-8)        # ||W_down[:, i]|| per neuron
             up, down_t = up * cd[:, None], down_t / cd[:, None]
-        if spec.is_reglu:
+        if spec.is_reglu and not rotated:   # a ReGLU FFN changes only when rotated
+            new_mlp = mlp
+        elif spec.is_reglu:
             ffn = ex.prepare_ffn(gate.to(dt), up.to(dt), down_t.T.to(dt), f.act)
             new_mlp = ReGLUMLP(mlp_norm, ffn, ex.prepare_linear(ffn.gate), predictor)
         else:
@@ -173,9 +187,13 @@ def _install(model, ex, dt, spec, ks, rot_attn, rot_mlp, scaled):
             # Untied: fold the rotations into the ends, E -> E·Q_first and W_head ->
             # W_head·diag(γ)·Q_last with the final norm's weight set to 1 (RMSNorm commutes with
             # an orthogonal Q), which saves two d×d GEMVs per token.
-            model.embed = ex.place(_fold(model.embed, None, q_in, dt))
-            head = model.lm_head.weight
-            model.lm_head = ex.prepare_linear(_fold(head, model.norm, q_out, dt), model.lm_head.bias,
+            src = model.float_source
+            embed, head = model.embed, model.lm_head.weight
+            folded = _fold(embed if src is None else src.embed(), None, q_in, dt)
+            # the embedding keeps its blocks where they can be made from float values
+            model.embed = ex.place_matrix(folded, embed.fmt if isinstance(embed, QuantRows) and src else False)
+            model.lm_head = ex.prepare_linear(_fold(head if src is None else src.lm_head(), model.norm, q_out, dt),
+                                              model.lm_head.bias,
                                               fmt=head.fmt if isinstance(head, QuantRows) else None)
             model.norm = torch.ones_like(model.norm)
         else:   # tied: one matrix cannot absorb both, so rotate the stream at run time

@@ -97,3 +97,49 @@ def test_bad_topk_options(ckpt_factory, llama_relu, textfile, tmp_path):
     llm = edgesparse.load(ckpt_factory("llama", "silu"), backend="cpu")
     with pytest.raises(edgesparse.InvalidOptionError, match="Top-K artifacts"):
         llm.model.set_attn_mode("topk")
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_rotations_fold_into_the_float_checkpoint_then_quantise_once(ckpt_factory, textfile, tmp_path, tied):
+    """q4_0 from a safetensors checkpoint: the folded matrices are made from the float values and
+    stay q4_0 (no 8-bit fallback), and the rotated model at K = d tracks the float model about as
+    well as the plain q4_0 model does (one rounding, not two)."""
+    from edgesparse.backends.formats import QuantRows
+    path = ckpt_factory("llama", "relu", **({} if tied else {"tie_word_embeddings": False}))
+    calibrate(path, tmp_path / "a", data=[textfile], backend="cpu", tokens=2048, window=128,
+              attn_sparsity=1e-6, rotation="global", weights="q4_0")
+    ids = torch.randint(1, 300, (1, 14), generator=torch.Generator().manual_seed(0))
+    ref = decode_logits(edgesparse.load(path, backend="cpu"), ids)
+    plain = edgesparse.load(path, backend="cpu", weights="q4_0")
+    assert plain.model.float_source is not None
+    err_plain = _rel(decode_logits(plain, ids), ref)
+    sparse = edgesparse.load(path, backend="cpu", weights="q4_0", artifacts=tmp_path / "a")
+    m = sparse.model
+    assert m.attn_mode == "topk"
+    for layer in m.layers:
+        for w in (layer.attn.qkv.weight_t, layer.attn.o.weight_t, layer.mlp.ffn.gate, layer.mlp.ffn.down_t):
+            assert isinstance(w, QuantRows) and w.fmt == "q4_0"
+    # the end rotations went into the embedding and the (8-bit) head, tied or not: under
+    # block formats the head is its own matrix
+    assert m.in_rotation is None and m.lm_head.weight.fmt == "q8_0"
+    sparse.set_ffn_mode("exact")
+    err_rot = _rel(decode_logits(sparse, ids), ref)
+    assert err_rot < 1.5 * err_plain + 0.01, (err_rot, err_plain)
+
+
+def test_without_a_float_source_folds_keep_eight_bits(ckpt_factory, textfile, tmp_path):
+    """A model with no float copy (a GGUF file) folds into the de-quantised blocks: those are
+    quantised a second time, so they keep 8 bits."""
+    path = ckpt_factory("llama", "relu")
+    calibrate(path, tmp_path / "a", data=[textfile], backend="cpu", tokens=2048, window=128,
+              attn_sparsity=0.3, rotation="global", weights="q4_0")
+    llm = edgesparse.load(path, backend="cpu", weights="q4_0")
+    llm.model.float_source = None
+    from edgesparse.sparsity import attach_artifacts
+    attach_artifacts(llm.model, tmp_path / "a")
+    layer = llm.model.layers[0]
+    assert layer.attn.qkv.weight_t.fmt == "q8_0" and layer.mlp.ffn.gate.fmt == "q8_0"
