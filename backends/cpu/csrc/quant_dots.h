@@ -222,7 +222,7 @@ static inline float idot_q41_blocks(const uint8_t *restrict row, const QX *qx, i
  * one-row-one-block loop above was compute-bound (~10 GB/s of q4_0 per core with its rows in
  * L2, under the ~14 GB/s a core streams from memory); this runs at ~17 (docs/performance.md).
  * An odd last block, and other targets, take the one-row dots. */
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(DPBUSD) && defined(__F16C__)
 /* [s(r0,b0), s(r0,b1), s(r1,b0), ..., s(r3,b1)] * the activation's pair scales */
 static inline __m256 pair_scales4(const uint8_t *const *rows, int64_t o0, int64_t o1, int sh, const float *xs) {
     uint16_t h[8];
@@ -230,6 +230,8 @@ static inline __m256 pair_scales4(const uint8_t *const *rows, int64_t o0, int64_
     __m128i hv = _mm_set_epi16(h[7], h[6], h[5], h[4], h[3], h[2], h[1], h[0]);
     return _mm256_mul_ps(_mm256_cvtph_ps(hv), _mm256_castpd_ps(_mm256_broadcast_sd((const double *)xs)));
 }
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 /* lane -> scale index of row r: 4-bit pairs unpack to [b0 | b1 | b0 | b1] lane groups of four,
  * q8_0 pairs to [b0 x8 | b1 x8] */
 static inline __m512i scale_idx(int r, int nibbles) {
@@ -284,6 +286,84 @@ static inline __m512i q8_pair(const uint8_t *row, int64_t o0, int64_t o1) {
 DEFINE_IDOT4(q4, 18, 2, 1, qx->qp, _mm512_load_si512(qx->offp + b * 8), nibble_pair)
 DEFINE_IDOT4(q41, 20, 4, 1, qx->qp, _mm512_setzero_si512(), nibble_pair)
 DEFINE_IDOT4(q8, 34, 2, 0, qx->q, _mm512_load_si512(qx->off128 + b * 8), q8_pair)
+#elif defined(DPBUSD) && defined(__F16C__)
+/* AVX2 (no VNNI): a pair of blocks of one row per step, four rows sharing the activation's
+ * loads and one conversion of their eight fp16 scales.  A 4-bit pair unpacks to [b0 lo | b1 lo]
+ * and [b0 hi | b1 hi] against the activation's pair layout (qp); the two vpmaddubsw products
+ * are added as int16 (|sum| <= 4 * 15 * 127, no saturation) so one vpmaddwd, one conversion
+ * and one FMA serve two blocks.  The -8 of q4_0 and the min of q4_1 are one scalar term per
+ * block (s_w * 8 * s_x * sum q, from sum8), summed in a vector beside the dots. */
+static inline __m256 row_scales(__m256 sc, int r) {   /* lanes 0-3: row r's b0, 4-7: its b1 */
+    return _mm256_permutevar8x32_ps(sc, _mm256_set_epi32(2 * r + 1, 2 * r + 1, 2 * r + 1, 2 * r + 1, 2 * r, 2 * r, 2 * r, 2 * r));
+}
+static inline __m256i nibble_pair_dot(const uint8_t *row, int64_t o0, int64_t o1, __m256i xlo, __m256i xhi) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    __m256i raw = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(row + o0))),
+                                          _mm_loadu_si128((const __m128i *)(row + o1)), 1);
+    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(raw, m4), xlo),
+                                 _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m4), xhi));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+/* F: format, BB: block bytes, QO: offset of the quants, MS: sign of the per-block sum8 term
+ * (q4_0: -8 s_w, read at the scale; q4_1: + m / 8, read at the min, offset 2) */
+#define DEFINE_IDOT4(F, BB, QO, MS, MO)                                                           \
+    static inline void idot4_##F(const uint8_t *const *rows, const QX *qx, int d, const uint8_t *const *pf, float *o) { \
+        const int nb = d / QK;                                                                    \
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+        __m256 mins = _mm256_setzero_ps();                                                        \
+        int b = 0;                                                                                \
+        for (; b + 2 <= nb; b += 2) {                                                             \
+            const int64_t o0 = (int64_t)b * BB, o1 = o0 + BB;                                     \
+            if (pf[0])                                                                            \
+                for (int r = 0; r < 4; r++) PREFETCH(pf[r] + o0);                                 \
+            __m256 sc = pair_scales4(rows, o0, o1, 0, qx->s + b);                                 \
+            mins = _mm256_add_ps(mins, pair_scales4(rows, o0, o1, MO, qx->sum8 + b));             \
+            const __m256i xlo = _mm256_load_si256((const __m256i *)(qx->qp + b * QK));            \
+            const __m256i xhi = _mm256_load_si256((const __m256i *)(qx->qp + b * QK + 32));       \
+            for (int r = 0; r < 4; r++) {                                                         \
+                __m256i dp = nibble_pair_dot(rows[r], o0 + QO, o1 + QO, xlo, xhi);                \
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), row_scales(sc, r), acc[r]);      \
+            }                                                                                     \
+        }                                                                                         \
+        float mn[8];                                                                              \
+        _mm256_storeu_ps(mn, mins);                                                               \
+        for (int r = 0; r < 4; r++) {                                                             \
+            o[r] = hsum256(acc[r]) + (MS) * (mn[2 * r] + mn[2 * r + 1]);                          \
+            if (b < nb) o[r] += idot_##F##_blocks(rows[r], qx, b, nb, NULL);                      \
+        }                                                                                         \
+    }
+DEFINE_IDOT4(q4, 18, 2, -1.f, 0)
+DEFINE_IDOT4(q41, 20, 4, 0.125f, 2)
+/* q8_0: each block its own vpmaddwd (signed products of two blocks would saturate int16);
+ * the four rows still share the activation's loads and the scale conversion. */
+static inline void idot4_q8(const uint8_t *const *rows, const QX *qx, int d, const uint8_t *const *pf, float *o) {
+    const int nb = d / QK;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const __m256i one = _mm256_set1_epi16(1);
+    int b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const int64_t o0 = (int64_t)b * 34, o1 = o0 + 34;
+        if (pf[0])
+            for (int r = 0; r < 4; r++) { PREFETCH(pf[r] + o0); PREFETCH(pf[r] + o0 + 64); }
+        __m256 sc = pair_scales4(rows, o0, o1, 0, qx->s + b);
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(qx->q + b * QK));
+        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(qx->q + b * QK + QK));
+        for (int r = 0; r < 4; r++) {
+            __m256i w0 = _mm256_loadu_si256((const __m256i *)(rows[r] + o0 + 2));
+            __m256i w1 = _mm256_loadu_si256((const __m256i *)(rows[r] + o1 + 2));
+            __m256i d0 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(x0, w0)), one);
+            __m256i d1 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w1, w1), _mm256_sign_epi8(x1, w1)), one);
+            /* lanes 0-3 of hadd's halves: b0, lanes 4-7... interleaved: see the index below */
+            __m256i dp = _mm256_hadd_epi32(d0, d1);
+            __m256 s = _mm256_permutevar8x32_ps(sc, _mm256_set_epi32(2 * r + 1, 2 * r + 1, 2 * r, 2 * r, 2 * r + 1, 2 * r + 1, 2 * r, 2 * r));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), s, acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) {
+        o[r] = hsum256(acc[r]);
+        if (b < nb) o[r] += idot_q8_blocks(rows[r], qx, b, nb, NULL);
+    }
+}
 #else
 #define DEFINE_IDOT4(F)                                                                           \
     static inline void idot4_##F(const uint8_t *const *rows, const QX *qx, int d, const uint8_t *const *pf, float *o) { \

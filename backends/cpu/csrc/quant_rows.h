@@ -101,6 +101,71 @@ static inline void acc_q41(const uint8_t *blk, float a, __m512 *y0, __m512 *y1) 
 DEFINE_AXPY(q8, 34)
 DEFINE_AXPY(q4, 18)
 DEFINE_AXPY(q41, 20)
+#elif defined(__AVX2__) && defined(__F16C__)
+/* AVX2: the same four-rows-per-block structure in 256-bit halves (y's 32 floats are four
+ * registers, loaded and stored once per four rows).  Each weight is widened to fp32 and
+ * FMAed with a * s; the 4-bit formats' offset (q4_0: -8 s, q4_1: m) is one scalar per row and
+ * block, summed over the rows and added once per block. */
+static inline void acc8_f(__m128i q8, __m256 s, __m256 *y) {   /* 8 int32-able bytes -> y += s * q */
+    *y = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)), *y);
+}
+static inline void accn_f(__m128i n8, __m256 s, __m256 *y) {   /* unsigned nibble bytes */
+    *y = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(n8)), *y);
+}
+static inline float acc_q8(const uint8_t *blk, float a, __m256 *y) {
+    uint16_t h; memcpy(&h, blk, 2);
+    __m256 s = _mm256_set1_ps(a * f16_to_f32(h));
+    __m128i q0 = _mm_loadu_si128((const __m128i *)(blk + 2)), q1 = _mm_loadu_si128((const __m128i *)(blk + 18));
+    acc8_f(q0, s, y); acc8_f(_mm_srli_si128(q0, 8), s, y + 1);
+    acc8_f(q1, s, y + 2); acc8_f(_mm_srli_si128(q1, 8), s, y + 3);
+    return 0.f;
+}
+static inline void acc_nib(const uint8_t *q, __m256 s, __m256 *y) {
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    __m128i raw = _mm_loadu_si128((const __m128i *)q);
+    __m128i lo = _mm_and_si128(raw, m4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
+    accn_f(lo, s, y); accn_f(_mm_srli_si128(lo, 8), s, y + 1);
+    accn_f(hi, s, y + 2); accn_f(_mm_srli_si128(hi, 8), s, y + 3);
+}
+static inline float acc_q4(const uint8_t *blk, float a, __m256 *y) {
+    uint16_t h; memcpy(&h, blk, 2);
+    float s = a * f16_to_f32(h);
+    acc_nib(blk + 2, _mm256_set1_ps(s), y);
+    return -8.f * s;
+}
+static inline float acc_q41(const uint8_t *blk, float a, __m256 *y) {
+    uint16_t h, hm; memcpy(&h, blk, 2); memcpy(&hm, blk + 2, 2);
+    acc_nib(blk + 4, _mm256_set1_ps(a * f16_to_f32(h)), y);
+    return a * f16_to_f32(hm);
+}
+#define DEFINE_AXPY(F, BB)                                                                        \
+    static inline void axpyn_##F(int nr, const float *a, const uint8_t *const *rows, float *restrict y, \
+                                 int d, const uint8_t *const *pf) {                              \
+        int nb = d / QK;                                                                          \
+        for (int b = 0; b < nb; b++) {                                                            \
+            __m256 v[4];                                                                          \
+            for (int j = 0; j < 4; j++) v[j] = _mm256_loadu_ps(y + b * QK + 8 * j);               \
+            float c = 0.f;                                                                        \
+            for (int r = 0; r < nr; r++) {                                                        \
+                const uint8_t *blk = rows[r] + (int64_t)b * BB;                                   \
+                if (pf[r] && (BB > 32 || (b & 1) == 0)) PREFETCH(pf[r] + (int64_t)b * BB);         \
+                c += acc_##F(blk, a[r], v);                                                       \
+            }                                                                                     \
+            const __m256 cv = _mm256_set1_ps(c);                                                  \
+            for (int j = 0; j < 4; j++) _mm256_storeu_ps(y + b * QK + 8 * j, _mm256_add_ps(v[j], cv)); \
+        }                                                                                         \
+    }                                                                                             \
+    static inline void axpy_##F(float a, const uint8_t *row, float *restrict y, int d,            \
+                                const uint8_t *pf) {                                             \
+        axpyn_##F(1, &a, &row, y, d, &pf);                                                        \
+    }                                                                                             \
+    static inline void axpy4_##F(const float *a, const uint8_t *const *rows, float *restrict y,   \
+                                 int d, const uint8_t *const *pf) {                              \
+        axpyn_##F(4, a, rows, y, d, pf);                                                          \
+    }
+DEFINE_AXPY(q8, 34)
+DEFINE_AXPY(q4, 18)
+DEFINE_AXPY(q41, 20)
 #else
 /* One row: w_j = s * q_j (q8_0), s * (n_j - 8) (q4_0), s * n_j + m (q4_1). */
 static inline void axpy_q8(float a, const uint8_t *restrict row, float *restrict y, int d, const uint8_t *pf) {
