@@ -109,6 +109,31 @@ class QuantRows:
         return self.rows()
 
 
+@dataclass
+class TransposedRows(QuantRows):
+    """A ``[n, m]`` matrix held as the block rows of its transpose (``data``: the ``[m, n]``
+    matrix's rows, ``cols = n``).  The dense down projection of a SwiGLU FFN in this form is
+    W_down itself, row-major with blocks along d_ff, as a GGUF file stores it: a dense GEMV of
+    integer dots reads it in its own 4-bit blocks, where the neuron-major layout sparse FFNs
+    need would re-quantise it (8 bits) and sum rows in fp32, the slower kernel.  Only a dense
+    FFN reads it this way (cpu ``ffn_dense`` and the native layer); gathers of its logical rows
+    go through ``rows``, which de-quantises the whole matrix (executors without the layout
+    get a neuron-major copy at ``prepare_ffn``)."""
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.cols, self.data.shape[0]))
+
+    @property
+    def stored(self) -> QuantRows:
+        """The transpose's block rows as a plain QuantRows (what the kernels stream)."""
+        return QuantRows(self.fmt, self.data, self.cols)
+
+    def rows(self, idx: torch.Tensor | None = None, dtype=torch.float32) -> torch.Tensor:
+        m = self.stored.rows(None, dtype).T
+        return (m if idx is None else m[idx]).contiguous()
+
+
 def quantizable(m, fmt: str | None) -> bool:
     return fmt in BLOCK_BYTES and m.dim() == 2 and m.shape[1] % BLOCK == 0
 

@@ -17,12 +17,12 @@ talks only to it, so nothing else branches on the device.  Conventions:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from .formats import QuantRows, quantizable, quantize_rows
+from .formats import QuantRows, TransposedRows, quantizable, quantize_rows, requantised_format
 
 Weight = "torch.Tensor | QuantRows"
 
@@ -105,7 +105,7 @@ class Executor(ABC):
         """A weight matrix in the layout the kernels stream: ``fmt`` (default: this executor's
         ``weight_format``; False: as it is) where its rows are whole blocks, else a float tensor."""
         if isinstance(m, QuantRows):   # already blocks (a GGUF tensor, a tied lm_head, exact mode's gate)
-            return m if m.device == self.device else QuantRows(m.fmt, self.place(m.data), m.cols)
+            return m if m.device == self.device else replace(m, data=self.place(m.data))
         if fmt is False:
             return self.place(m)
         fmt = self.weight_format if fmt is None else fmt
@@ -117,9 +117,24 @@ class Executor(ABC):
     def prepare_linear(self, weight, bias=None, fmt: str | None = None) -> LinearWeights:
         return LinearWeights(self.place_matrix(weight, fmt), None if bias is None else self.place(bias))
 
+    # True where the dense FFN reads a TransposedRows down projection (W_down's own row-major
+    # blocks, formats.py); then SwiGLU FFNs, which only ever run densely, keep that layout.
+    dense_down_rows = False
+
     def prepare_ffn(self, gate, up, down, act: str) -> FFNWeights:
-        """``down``: ``W_down [d, d_ff]``, or QuantRows already neuron-major (``[d_ff, d]``)."""
-        down_t = down if isinstance(down, QuantRows) else down.t()
+        """``down``: ``W_down [d, d_ff]`` (float), QuantRows already neuron-major (``[d_ff, d]``),
+        or TransposedRows (W_down's blocks as a GGUF file holds them).  ReGLU FFNs, and every FFN
+        of an executor without ``dense_down_rows``, get the neuron-major layout."""
+        row_major = act != "relu" and self.dense_down_rows
+        if isinstance(down, TransposedRows):
+            down_t = down if row_major else quantize_rows(down.rows(), requantised_format(down.fmt))
+        elif isinstance(down, QuantRows):
+            down_t = down
+        elif row_major and quantizable(down, self.weight_format):
+            q = quantize_rows(down, self.weight_format)
+            down_t = TransposedRows(q.fmt, q.data, q.cols)
+        else:
+            down_t = down.t()
         return FFNWeights(self.place_matrix(gate), self.place_matrix(up), self.place_matrix(down_t), act)
 
     def prepare_topk(self, weight, bias, k: int) -> TopKWeights:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgesparse.backends.formats import QuantRows, quantizable, quantize_rows, requantised_format
+from edgesparse.backends.formats import QuantRows, TransposedRows, quantizable, quantize_rows, requantised_format
 from .errors import ModelFilesError
 
 ADOPTED = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
@@ -184,20 +184,26 @@ def read_weights(reader, family, spec, fmt: str | None, head_fmt: str | None, dt
             continue
         typ = t.tensor_type.name
         is_down = hf in downs
+        # A SwiGLU FFN only runs densely: its down projection keeps the file's row-major blocks
+        # (TransposedRows; executors without that kernel re-lay it out at prepare_ffn).  A ReGLU
+        # one is read neuron-major for the sparse kernels, re-quantised across its blocks.
+        neuron_major = is_down and spec.act == "relu"
         want = head_fmt if hf in (dst.embed, dst.lm_head) else fmt
-        if is_down and typ not in FLOAT_TYPES:   # re-quantised across its blocks (neuron-major)
+        if neuron_major and typ not in FLOAT_TYPES:
             want = requantised_format(want)
         if len(t.shape) == 1:
             val = _float(t).reshape(-1).to(dtype)
-        elif want is not None and ADOPTED.get(typ) == want and not is_down:
+        elif want is not None and ADOPTED.get(typ) == want and not neuron_major:
             rows = int(t.shape[1])
             data = torch.from_numpy(t.data).reshape(rows, -1)
             val = QuantRows(want, data, int(t.shape[0]))
         else:
             m = _float(t)
-            rows = m.T if is_down else m      # a down projection's blocks run neuron-major
+            rows = m.T if neuron_major else m
             # float matrices keep the HF orientation (the executor lays them out)
             val = quantize_rows(rows.contiguous(), want) if quantizable(rows, want) else m.to(dtype)
+        if is_down and not neuron_major and isinstance(val, QuantRows):
+            val = TransposedRows(val.fmt, val.data, val.cols)
         if hf in heads and family.gguf_permuted_qk:
             perm = _unpermute_rows(val.shape[0], heads[hf])
             val = QuantRows(val.fmt, val.data[perm], val.cols) if isinstance(val, QuantRows) else val[perm]

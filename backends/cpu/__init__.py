@@ -16,6 +16,7 @@ class CpuExecutor(TorchExecutor):
     """Torch ops, plus the native fused kernels (``native.py``) for single-token decode when
     they built on this machine; the torch ops remain the reference and the fallback."""
     name = "cpu"
+    dense_down_rows = True   # SwiGLU down projections keep W_down's own blocks (TransposedRows)
 
     @classmethod
     def availability(cls):
@@ -82,8 +83,8 @@ class CpuExecutor(TorchExecutor):
 
     def ffn_dense(self, x, w: FFNWeights):
         if isinstance(w.gate, QuantRows):
-            if (x.dim() == 2 and x.shape[0] == 1 and w.act in ("relu", "silu") and w.gate.fmt == w.up.fmt
-                    and native.supports_quant(w.gate, w.up, w.down_t)):
+            if (x.dim() == 2 and x.shape[0] == 1 and w.act in ("relu", "silu")
+                    and native.supports_dense_ffn(w.gate, w.up, w.down_t)):
                 return native.q_ffn_dense(x[0], w.gate, w.up, w.down_t, w.act).to(x.dtype).unsqueeze(0)
             return super().ffn_dense(x, w)
         if x.dim() == 2 and x.shape[0] == 1 and native.supports(w.down_t):

@@ -14,6 +14,7 @@ import ctypes
 
 import torch
 
+from ..formats import TransposedRows
 from ..interface import LayerStep, LinearWeights, TopKWeights
 from . import native
 
@@ -30,7 +31,7 @@ class ESLinear(ctypes.Structure):
 class ESLayer(ctypes.Structure):
     _fields_ = [("d", _I), ("n_heads", _I), ("n_kv", _I), ("hd", _I), ("max_len", _I), ("bf16", _I),
                 ("eps", ctypes.c_float), ("attn_norm", _P), ("mlp_norm", _P), ("qkv", ESLinear), ("o", ESLinear),
-                ("ffn", _I), ("gate_fmt", _I), ("down_fmt", _I), ("d_ff", _I), ("rank", _I),
+                ("ffn", _I), ("gate_fmt", _I), ("down_fmt", _I), ("d_ff", _I), ("rank", _I), ("down_rows", _I),
                 ("gate", _P), ("up", _P), ("down_t", _P),
                 ("a_t", _P), ("b_t", _P), ("pbias", _P), ("sa", _P), ("sb", _P), ("qa", _P), ("qb", _P)]
 
@@ -73,7 +74,7 @@ def build(step: LayerStep, cache_k: torch.Tensor, act_dtype: torch.dtype) -> Pla
     if _fn() is None or act_dtype not in _ACT or cache_k.dtype != act_dtype or not cache_k.is_contiguous():
         return None
     f = step.ffn
-    if not native.supports_quant(f.gate, f.up, f.down_t) or f.gate.fmt != f.up.fmt:
+    if not native.supports_dense_ffn(f.gate, f.up, f.down_t):
         return None
     if step.attn_norm.dtype != act_dtype or step.mlp_norm.dtype != act_dtype:
         return None
@@ -86,7 +87,8 @@ def build(step: LayerStep, cache_k: torch.Tensor, act_dtype: torch.dtype) -> Pla
     desc = ESLayer(d=d, n_heads=step.n_heads, n_kv=n_kv, hd=hd, max_len=max_len, bf16=_ACT[act_dtype],
                    eps=step.eps, attn_norm=step.attn_norm.data_ptr(), mlp_norm=step.mlp_norm.data_ptr(), qkv=qkv, o=o,
                    gate_fmt=_FMT[f.gate.fmt], down_fmt=_FMT[f.down_t.fmt], d_ff=f.gate.shape[0],
-                   gate=f.gate.data.data_ptr(), up=f.up.data.data_ptr(), down_t=f.down_t.data.data_ptr())
+                   gate=f.gate.data.data_ptr(), up=f.up.data.data_ptr(), down_t=f.down_t.data.data_ptr(),
+                   down_rows=int(isinstance(f.down_t, TransposedRows)))
     if not step.ffn_sparse:
         if f.act not in ("silu", "relu"):
             return None

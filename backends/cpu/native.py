@@ -21,7 +21,7 @@ import torch
 
 from edgesparse.cache import cache_dir
 
-from ..formats import QuantRows
+from ..formats import QuantRows, TransposedRows
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "sparse_rows.c", CSRC / "decode_ops.c", CSRC / "decode_layer.c"]
@@ -44,7 +44,7 @@ _SIGNATURES = {
 }
 FMT_CODE = {"q8_0": 0, "q4_0": 1, "q4_1": 2}   # decode_layer.c's FMT_*
 # Kernels with one name for every format (the format is an argument: FMT_CODE).
-_PLAIN_SIGNATURES = {"es_ffn_dense_q": [_I, _I, _I, _P, _P, _P, _I, _I, _P, _I, _P]}
+_PLAIN_SIGNATURES = {"es_ffn_dense_q": [_I, _I, _I, _I, _P, _P, _P, _I, _I, _P, _I, _P]}
 
 
 def _build() -> tuple[ctypes.CDLL | None, str]:
@@ -197,8 +197,14 @@ def supports_quant(*weights) -> bool:
     """True when every weight is a QuantRows on the cpu, contiguous, in a format with kernels."""
     if lib() is None:
         return False
-    return all(isinstance(w, QuantRows) and w.fmt in _QUANT and w.data.is_cpu and w.data.is_contiguous()
+    return all(type(w) is QuantRows and w.fmt in _QUANT and w.data.is_cpu and w.data.is_contiguous()
                for w in weights)
+
+
+def supports_dense_ffn(gate, up, down_t) -> bool:
+    """``q_ffn_dense`` runs these: gate and up alike, down neuron-major or TransposedRows."""
+    down = down_t.stored if isinstance(down_t, TransposedRows) else down_t
+    return supports_quant(gate, up, down) and gate.fmt == up.fmt
 
 
 def supports_ffn(gate, up, down_t) -> bool:
@@ -266,8 +272,9 @@ def q_ffn_dense(x: torch.Tensor, gate, up, down_t, act: str) -> torch.Tensor:
     """Dense gated FFN of one token ``x [d]`` over QuantRows (``act``: relu or silu); fp32 ``[d]``.
     One native call (decode_layer.c), the one the native decoder layer makes too."""
     x = _f32(x)
-    out = torch.empty(down_t.cols, dtype=torch.float32)
-    lib().es_ffn_dense_q(FMT_CODE[gate.fmt], FMT_CODE[down_t.fmt], int(act == "relu"), gate.data.data_ptr(), up.data.data_ptr(),
+    out = torch.empty(gate.cols, dtype=torch.float32)
+    lib().es_ffn_dense_q(FMT_CODE[gate.fmt], FMT_CODE[down_t.fmt], int(act == "relu"),
+                         int(isinstance(down_t, TransposedRows)), gate.data.data_ptr(), up.data.data_ptr(),
                          down_t.data.data_ptr(), gate.cols, gate.shape[0], x.data_ptr(), torch.get_num_threads(),
                          out.data_ptr())
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
@@ -93,7 +94,7 @@ def _copy_layer(ex, layer):
     f, p = layer.ffn, layer.predictor
     def copy(m):
         if isinstance(m, QuantRows):
-            return QuantRows(m.fmt, ex.place(m.data.clone()), m.cols)
+            return replace(m, data=ex.place(m.data.clone()))
         return ex.place(m.clone())
     ffn = FFNWeights(copy(f.gate), copy(f.up), copy(f.down_t), f.act)
     return ReGLUMLP(layer.norm, ffn, ex.prepare_linear(ffn.gate), ex.prepare_predictor(p.a.clone(), p.b.clone(), p.bias.clone()))

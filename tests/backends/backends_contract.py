@@ -52,12 +52,15 @@ def check_contract(ex, tol=1e-4, dtype=torch.float32, fmt=None):
         close(ex.linear(x.to(dev), lw), x @ w.T + b, "linear")
         gate, up, down = snap(rnd(dff, d) / d**0.5), snap(rnd(dff, d) / d**0.5), snap(rnd(dff, d) / dff**0.5).T
         for act in ("relu", "silu"):
-            fw = ex.prepare_ffn(gate, up, down, act)
-            close(ex.ffn_dense(x.to(dev), fw), reference_ffn(x, gate, up, down, act), f"ffn_dense {act}")
+            # a SwiGLU FFN keeps W_down row-major where the executor reads it so (TransposedRows):
+            # its reference is W_down snapped along those rows
+            dn = snap(down.contiguous()) if act == "silu" and ex.dense_down_rows else down
+            fw = ex.prepare_ffn(gate, up, dn, act)
+            close(ex.ffn_dense(x.to(dev), fw), reference_ffn(x, gate, up, dn, act), f"ffn_dense {act}")
             for n in (0, 1, dff // 3, dff):
                 idx = torch.randperm(dff, generator=gen)[:n].sort().values
                 out = ex.ffn_active(x.to(dev), fw, idx.to(dev))
-                close(out, reference_ffn(x, gate, up, down, act, idx), f"ffn_active n={n} {act}")
+                close(out, reference_ffn(x, gate, up, dn, act, idx), f"ffn_active n={n} {act}")
                 g = ex.gate_rows(x.to(dev), fw, idx.to(dev))
                 close(g, (x @ gate.T)[:, idx], f"gate_rows n={n}")
         wt = snap(w.T.contiguous()).T     # Top-K stores Wᵀ: its rows are W's columns

@@ -122,10 +122,14 @@ SMOLLM2 = Path(__file__).resolve().parents[2] / "models" / "SmolLM2-135M-Instruc
 
 @pytest.mark.skipif(not SMOLLM2.exists(), reason="run bench/get_smollm2.py first")
 def test_smollm2_q4_1_greedy_text_is_identical(calls):
-    """A real model in its own Q4_1 blocks (q8_0 down projection, SiLU): 40 greedy tokens
-    through the native layers equal the composed ops' tokens."""
+    """A real model in its own Q4_1 blocks (the down projection too, row-major: TransposedRows;
+    SiLU): 40 greedy tokens through the native layers equal the composed ops' tokens."""
+    from edgesparse.backends.formats import TransposedRows
     llm = edgesparse.load(SMOLLM2, backend="cpu")
-    fused = llm.generate("The capital of France is", max_new_tokens=40).token_ids
+    down = llm.model.layers[0].mlp.ffn.down_t
+    assert isinstance(down, TransposedRows) and down.fmt == "q4_1" and down.shape == (1536, 576)
+    kw = dict(max_new_tokens=40, stop_token_ids=[])
+    fused = llm.generate("The capital of France is", **kw).token_ids
     assert calls["layers"] >= 39 * len(llm.model.layers)
     llm.model.fused_decode = False
-    assert llm.generate("The capital of France is", max_new_tokens=40).token_ids == fused
+    assert llm.generate("The capital of France is", **kw).token_ids == fused

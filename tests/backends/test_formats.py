@@ -51,3 +51,43 @@ def test_tensor_like_reads_are_dequantised():
     q = quantize_rows(torch.randn(3, 32), "q8_0")
     assert isinstance(q, QuantRows) and q.float().dtype == torch.float32 and q.double().dtype == torch.float64
     assert torch.equal(q.to(torch.bfloat16), q.rows().bfloat16())
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+def test_transposed_rows_read_as_the_logical_matrix(fmt):
+    from edgesparse.backends.formats import TransposedRows
+    w_down = torch.randn(48, 96, generator=torch.Generator().manual_seed(4))   # [d, d_ff]
+    q = quantize_rows(w_down, fmt)
+    t = TransposedRows(q.fmt, q.data, q.cols)
+    assert t.shape == (96, 48) and t.stored.shape == (48, 96)
+    assert torch.equal(t.rows(), q.rows().T)
+    idx = torch.tensor([0, 5, 95])
+    assert torch.equal(t.rows(idx), q.rows().T[idx])
+
+
+def test_prepare_ffn_lays_out_the_down_projection_per_executor_and_activation():
+    """SwiGLU on the cpu keeps W_down's rows (TransposedRows); ReGLU (sparse kernels gather
+    neuron rows) and executors without that kernel get a neuron-major copy, 8 bits where it
+    crosses 4-bit blocks."""
+    from edgesparse.backends.cpu import CpuExecutor
+    from edgesparse.backends.formats import TransposedRows
+    from edgesparse.backends.reference import TorchExecutor
+    g = torch.Generator().manual_seed(5)
+    gate, up, down = torch.randn(64, 32, generator=g), torch.randn(64, 32, generator=g), torch.randn(32, 64, generator=g)
+    class Reference(TorchExecutor):   # the torch ops alone: no row-major down kernel
+        name = "reference"
+
+        @classmethod
+        def availability(cls):
+            return True, "cpu"
+    cpu, ref = CpuExecutor("cpu", "q4_0"), Reference("cpu", "q4_0")
+    f = cpu.prepare_ffn(gate, up, down, "silu")
+    assert isinstance(f.down_t, TransposedRows) and f.down_t.fmt == "q4_0"
+    assert torch.equal(f.down_t.rows(), quantize_rows(down, "q4_0").rows().T)
+    for ex, act in ((cpu, "relu"), (ref, "silu")):
+        f = ex.prepare_ffn(gate, up, down, act)
+        assert type(f.down_t) is QuantRows and f.down_t.shape == (64, 32)
+    q = quantize_rows(down, "q4_0")   # as a GGUF file gives it
+    f = ref.prepare_ffn(gate, up, TransposedRows(q.fmt, q.data, q.cols), "silu")
+    assert type(f.down_t) is QuantRows and f.down_t.fmt == "q8_0"
+    assert torch.allclose(f.down_t.rows(), q.rows().T, atol=0.02 * q.rows().abs().max().item())

@@ -51,6 +51,7 @@ typedef struct {
     const void *attn_norm, *mlp_norm;
     ESLinear qkv, o;
     int ffn, gate_fmt, down_fmt, d_ff, rank;
+    int down_rows;   /* dense FFN: down_t holds W_down's rows [d, d_ff] (formats.TransposedRows) */
     const uint8_t *gate, *up, *down_t;
     /* predictor (ffn == FFN_REGLU_SPARSE; a_t and qa both NULL: exact mode) */
     const float *a_t, *b_t, *pbias, *sa, *sb;
@@ -96,11 +97,12 @@ static void linear(const ESLayer *L, const ESLinear *w, const float *x, int nt, 
 }
 
 /* The dense gated FFN of one token over block rows: act(gate . h) * (up . h), then the
- * down projection as a row sum over down_t; fp32 in and out.  Also the composed path's
+ * down projection as a row sum over down_t, or (down_rows) as integer dots against W_down's
+ * own rows, the faster kernel where the layout allows it; fp32 in and out.  Also the composed path's
  * ffn_dense (native.q_ffn_dense), so both paths compute the activation with the same code:
  * the int8 rounding of the next op's input turns any last-bit difference (torch's SiLU vs
  * this one) into visibly different logits a few layers on. */
-void es_ffn_dense_q(int gate_fmt, int down_fmt, int relu, const uint8_t *gate, const uint8_t *up,
+void es_ffn_dense_q(int gate_fmt, int down_fmt, int relu, int down_rows, const uint8_t *gate, const uint8_t *up,
                     const uint8_t *down_t, int d, int f, const float *h, int nt, float *out) {
     float *g = (float *)malloc(sizeof(float) * 2 * (size_t)f), *u = g + f;
     gemv_fmt(gate_fmt, gate, h, NULL, f, d, nt, g);
@@ -108,6 +110,11 @@ void es_ffn_dense_q(int gate_fmt, int down_fmt, int relu, const uint8_t *gate, c
     for (int i = 0; i < f; i++) {
         float a = relu ? (g[i] > 0.f ? g[i] : 0.f) : g[i] / (1.f + expf(-g[i]));
         g[i] = a * u[i];
+    }
+    if (down_rows) {
+        gemv_fmt(down_fmt, down_t, g, NULL, d, f, nt, out);
+        free(g);
+        return;
     }
     switch (down_fmt) {
     case FMT_Q8: es_weighted_rows_q8(down_t, NULL, g, f, d, nt, out); break;
@@ -129,7 +136,7 @@ static void ffn(const ESLayer *L, const float *h, int nt, float *out, int64_t *c
 #undef CALL
         return;
     }
-    es_ffn_dense_q(L->gate_fmt, L->down_fmt, L->ffn == FFN_RELU, L->gate, L->up, L->down_t, d, f, h, nt, out);
+    es_ffn_dense_q(L->gate_fmt, L->down_fmt, L->ffn == FFN_RELU, L->down_rows, L->gate, L->up, L->down_t, d, f, h, nt, out);
     counts[0] = counts[1] = f;
 }
 
