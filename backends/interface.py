@@ -163,6 +163,13 @@ class Executor(ABC):
         ``(x_out [d], gate_rows, active_rows)``: the FFN's row counts as ``reglu_sparse``'s."""
         return None
 
+    def decode_layers(self, steps: list[LayerStep], x: torch.Tensor, caches_k: list[torch.Tensor],
+                      caches_v: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, slot: int, first: int):
+        """Every layer of a decode step in one call (``caches_*[l]``: layer l's ``[1, n_kv, S,
+        head_dim]``), or None to have the decoder go layer by layer (the default).  Returns
+        ``(x_out [d], [(gate_rows, active_rows) per layer])``."""
+        return None
+
     def decode_attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
                          cache_v: torch.Tensor, slot: int, first: int, n_heads: int) -> torch.Tensor:
         """Attention for one new token of one sequence with no padding: ``qkv [nq + 2 nkv]``

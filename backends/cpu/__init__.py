@@ -67,7 +67,7 @@ class CpuExecutor(TorchExecutor):
             return native.decode_attention(qkv, cos, sin, cache_k, cache_v, slot, first, n_heads)
         return super().decode_attention(qkv, cos, sin, cache_k, cache_v, slot, first, n_heads)
 
-    def decode_layer(self, step: LayerStep, x, cache_k, cache_v, cos, sin, slot, first):
+    def _plan(self, step: LayerStep, cache_k, act_dtype):
         # One descriptor per (layer description, cache shape), built on first use; None
         # (not covered: float weights, adapters, ...) is remembered too.
         key = (id(step), tuple(cache_k.shape), cache_k.dtype)
@@ -75,11 +75,28 @@ class CpuExecutor(TorchExecutor):
         if key not in plans:
             if len(plans) > 4096:   # caches of many lengths over a long-lived server
                 plans.clear()
-            plans[key] = (step, layer_step.build(step, cache_k, x.dtype))
-        plan = plans[key][1]
+            plans[key] = (step, layer_step.build(step, cache_k, act_dtype))
+        return plans[key][1]
+
+    def decode_layer(self, step: LayerStep, x, cache_k, cache_v, cos, sin, slot, first):
+        plan = self._plan(step, cache_k, x.dtype)
         if plan is None:
             return None
         return layer_step.run(plan, x, cache_k, cache_v, cos, sin, slot, first)
+
+    def decode_layers(self, steps, x, caches_k, caches_v, cos, sin, slot, first):
+        c = caches_k[0]
+        key = (tuple(map(id, steps)), tuple(c.shape), c.dtype, x.dtype)
+        stacks = self.__dict__.setdefault("_layer_stacks", {})
+        if key not in stacks:
+            if len(stacks) > 256:
+                stacks.clear()
+            plans = [self._plan(s, k[0], x.dtype) for s, k in zip(steps, caches_k)]
+            stacks[key] = (steps, None if any(p is None for p in plans) else layer_step.Stack(plans))
+        stack = stacks[key][1]
+        if stack is None:
+            return None
+        return layer_step.run_all(stack, x, caches_k, caches_v, cos, sin, slot, first)
 
     def ffn_dense(self, x, w: FFNWeights):
         if isinstance(w.gate, QuantRows):

@@ -1,19 +1,23 @@
 """SmolLM2-135M-Instruct, its own Q4_1 file, in llama.cpp and edgesparse in one sitting:
 dense decode tok/s with the native decoder layer (one C call per layer) and with the
-composed executor ops, plus whether their greedy tokens agree.  Not part of CI.
+composed executor ops, plus whether their greedy tokens agree; 25% rotated Top-K (attention
+and MLP, calibrated here on calibrate's default text) through the native layer where it can;
+load time and time to first token.  Not part of CI.
 
     python bench/peers/smollm2_step.py --llama-cpp /tmp/peer/llama.cpp \
         [--gguf models/SmolLM2-135M-Instruct.Q4_1.gguf] [--threads 2] [--out bench/results/smollm2_step.json]
 
 llama.cpp: its built source tree (``bench/peers/llamacpp.py`` builds it and runs ``llama-bench -t T
 -p 0 -n 64 -r 3`` through the same function).
-edgesparse: ``generate`` of 64 new tokens after a short prompt, 5 rounds per path,
-interleaved; tok/s as ``Completion.tokens_per_s`` reports it (decode only)."""
+edgesparse: ``generate`` of 64 new tokens (no early stop) after a short prompt, 5 rounds per
+path, interleaved; tok/s as ``Completion.tokens_per_s`` reports it (decode only)."""
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -36,16 +40,25 @@ def main():
     from edgesparse.benchmarks.ffn import read_bandwidth_gbs
     peer = llama_bench(a.llama_cpp, a.gguf, a.threads)["samples"]
 
+    t0 = time.perf_counter()
     llm = edgesparse.load(a.gguf, backend="cpu")
+    load_s = time.perf_counter() - t0
     prompt = "The capital of France is"
+    kw = dict(max_new_tokens=64, stop_token_ids=[])
+    ttft = llm.generate(prompt, max_new_tokens=1).prefill_s   # the first call: nothing warmed
     samples, tokens = {"native_layer": [], "composed": []}, {}
     for _ in range(a.rounds):
         for name, fused in (("native_layer", True), ("composed", False)):
             llm.model.fused_decode = fused
-            c = llm.generate(prompt, max_new_tokens=64)
+            c = llm.generate(prompt, **kw)
             samples[name].append(round(c.tokens_per_s, 2))
             tokens[name] = c.token_ids
     llm.model.fused_decode = True
+    with tempfile.TemporaryDirectory() as tmp:   # calibrate's default text (never WikiText-2 test)
+        arts = edgesparse.calibrate(a.gguf, f"{tmp}/a", backend="cpu", tokens=4096, attn_sparsity=0.25,
+                                    mlp_sparsity=0.25)["artifacts"]
+        topk = edgesparse.load(a.gguf, backend="cpu", artifacts=arts)
+    samples["topk25"] = [round(topk.generate(prompt, **kw).tokens_per_s, 2) for _ in range(a.rounds)]
     peer_med = statistics.median(peer)
     res = {
         "model": a.gguf.name, "threads": a.threads, "bandwidth_gbs": round(read_bandwidth_gbs(llm.model.ex), 2),
@@ -56,7 +69,10 @@ def main():
         "composed_vs_llama_cpp": round(statistics.median(samples["composed"]) / peer_med, 3),
         "native_layer_vs_composed": round(statistics.median(samples["native_layer"])
                                           / statistics.median(samples["composed"]), 3),
+        "topk25_vs_llama_cpp": round(statistics.median(samples["topk25"]) / peer_med, 3),
+        "topk25_weights": sorted({getattr(l.attn.qkv.weight_t, "fmt", "float") for l in topk.model.layers}),
         "greedy_tokens_identical": tokens["native_layer"] == tokens["composed"],
+        "load_s": round(load_s, 2), "first_token_s": round(ttft, 3),
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))

@@ -134,7 +134,12 @@ class DecoderModel:
         if self.in_rotation is not None:
             x = self.ex.linear(x, self.in_rotation)
         nq, nkv, hd = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.head_dim
-        for li, layer in enumerate(self.layers):
+        layers = self.layers
+        if single and self.fused_decode:   # every layer in one executor call where it can
+            done = self._decode_all(x, cache, cos, sin, start, first, mode, attn_sparse)
+            if done is not None:
+                x, layers = done, ()
+        for li, layer in enumerate(layers):
             attn, mlp = layer.attn, layer.mlp
             step = self._layer_step(li, layer, mode, attn_sparse) if single and self.fused_decode else None
             done = step and self.ex.decode_layer(step, x.view(-1), cache.k[li][0], cache.v[li][0], cos, sin,
@@ -172,6 +177,20 @@ class DecoderModel:
         x = self.ex.rms_norm(x if all_logits else x[:, -1:], self.norm, s.eps)
         logits = self.ex.linear(x, self.lm_head)
         return logits if all_logits else logits[:, -1]
+
+    def _decode_all(self, x, cache, cos, sin, start, first, mode, attn_sparse):
+        """x after every layer through ``Executor.decode_layers``, or None (then layer by layer)."""
+        steps = [self._layer_step(li, layer, mode, attn_sparse) for li, layer in enumerate(self.layers)]
+        if any(st is None for st in steps):
+            return None
+        done = self.ex.decode_layers(steps, x.view(-1), cache.k, cache.v, cos, sin, start, first)
+        if done is None:
+            return None
+        out, counts = done
+        if steps[0].ffn_sparse:
+            for li, (gate_rows, active) in enumerate(counts):
+                record_gather(self.stats.layer(li), 1, steps[li].ffn.gate.shape[0], gate_rows, active)
+        return out.view(1, 1, -1)
 
     def _layer_step(self, li: int, layer: Layer, mode: str, attn_sparse: bool) -> LayerStep | None:
         """The layer as one ``LayerStep`` for ``Executor.decode_layer`` (cached while the layer's

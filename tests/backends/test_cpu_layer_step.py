@@ -18,14 +18,20 @@ PROMPT = torch.tensor([[1, 50, 60, 70, 80, 90, 100, 33]])
 
 @pytest.fixture
 def calls(monkeypatch):
-    """How many layers ran through the native step."""
-    n = {"layers": 0}
-    real = layer_step.run
+    """How many layers ran through the native step (one layer a call, or all layers a call)."""
+    n = {"layers": 0, "stacks": 0}
+    real, real_all = layer_step.run, layer_step.run_all
 
     def counted(*a, **kw):
         n["layers"] += 1
         return real(*a, **kw)
+
+    def counted_all(stack, *a, **kw):
+        n["layers"] += len(stack.plans)
+        n["stacks"] += 1
+        return real_all(stack, *a, **kw)
     monkeypatch.setattr(layer_step, "run", counted)
+    monkeypatch.setattr(layer_step, "run_all", counted_all)
     return n
 
 
@@ -107,6 +113,18 @@ def test_not_covered_layers_are_composed(ckpt_factory, calls):
     step = llm.model._layer_step(0, llm.model.layers[0], "dense", False)
     cache = llm.model.new_cache(1, 8)
     assert layer_step.build(step, cache.k[0][0], torch.bfloat16) is None
+
+
+def test_layer_by_layer_equals_all_layers_in_one_call(calls, monkeypatch):
+    """Executor.decode_layers (one C call a token) and decode_layer (one a layer) are the same
+    kernels: identical logits."""
+    llm = edgesparse.load("tiny", backend="cpu", weights="q4_0")
+    toks, all_layers, _ = _decode(llm.model, fused=True)
+    assert calls["stacks"] == 6
+    monkeypatch.setattr(type(llm.model.ex), "decode_layers", lambda self, *a: None)
+    toks2, by_layer, _ = _decode(llm.model, fused=True)
+    assert calls["stacks"] == 6 and calls["layers"] == 12 * len(llm.model.layers)
+    assert toks == toks2 and torch.equal(all_layers, by_layer)
 
 
 def test_generate_is_token_identical(calls):

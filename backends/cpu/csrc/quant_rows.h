@@ -217,27 +217,51 @@ DEFINE_AXPY4(q4)
 DEFINE_AXPY4(q41)
 #endif
 
-/* out[n] = W x (+ bias), one token, fp32 in and out. */
+/* out[i - lo] = row i . x for rows lo..hi-1 of w (hi: the end of the thread's rows, for the
+ * prefetch distance), four rows at a time. */
 #define DEFINE_QGEMV(F)                                                                           \
+    static void dots_range_##F(const uint8_t *w, const QX *qx, int d, int64_t lo, int64_t hi, float *out) { \
+        int64_t lead = rows_ahead(ROWB_##F(d)), i = lo;                                           \
+        for (; i + 4 <= hi; i += 4) {                                                             \
+            const uint8_t *rows[4], *pf[4];                                                       \
+            for (int r = 0; r < 4; r++) {                                                         \
+                rows[r] = QROW(F, w, i + r, d);                                                   \
+                pf[r] = i + 3 + lead < hi ? QROW(F, w, i + r + lead, d) : NULL;                   \
+            }                                                                                     \
+            idot4_##F(rows, qx, d, pf, out + (i - lo));                                           \
+        }                                                                                         \
+        for (; i < hi; i++) out[i - lo] = idot_##F(QROW(F, w, i, d), qx, d, NULL);                \
+    }                                                                                             \
+    /* out[n] = W x (+ bias), one token, fp32 in and out. */                                     \
     void es_gemv_##F(const uint8_t *w, const float *x, const float *bias, int n, int d, int n_threads, float *out) { \
-        int64_t lead = rows_ahead(ROWB_##F(d));                                                   \
         QX qx;                                                                                    \
         qx_init(&qx, x, d);                                                                       \
         _Pragma("omp parallel num_threads(n_threads)")                                            \
         {                                                                                         \
             THREAD_RANGE(n, lo, hi);                                                              \
-            int64_t i = lo;                                                                       \
-            for (; i + 4 <= hi; i += 4) {                                                         \
-                const uint8_t *rows[4], *pf[4];                                                   \
-                for (int r = 0; r < 4; r++) {                                                     \
-                    rows[r] = QROW(F, w, i + r, d);                                               \
-                    pf[r] = i + 3 + lead < hi ? QROW(F, w, i + r + lead, d) : NULL;               \
-                }                                                                                 \
-                idot4_##F(rows, &qx, d, pf, out + i);                                             \
-            }                                                                                     \
-            for (; i < hi; i++) out[i] = idot_##F(QROW(F, w, i, d), &qx, d, NULL);                \
+            dots_range_##F(w, &qx, d, lo, hi, out + lo);                                          \
             if (bias) for (int64_t j = lo; j < hi; j++) out[j] += bias[j];                        \
         }                                                                                         \
+        qx_free(&qx);                                                                             \
+    }                                                                                             \
+    /* h[n] = act(gate . x) * (up . x) (act: ReLU or SiLU): both GEMVs and the activation in one \
+     * parallel region over one quantised x, each thread on the same rows of both matrices. */    \
+    void es_gate_up_##F(const uint8_t *gate, const uint8_t *up, const float *x, int n, int d, int relu, \
+                        int n_threads, float *h) {                                                \
+        QX qx;                                                                                    \
+        qx_init(&qx, x, d);                                                                       \
+        float *u = (float *)malloc(sizeof(float) * (size_t)n);                                    \
+        _Pragma("omp parallel num_threads(n_threads)")                                            \
+        {                                                                                         \
+            THREAD_RANGE(n, lo, hi);                                                              \
+            dots_range_##F(gate, &qx, d, lo, hi, h + lo);                                         \
+            dots_range_##F(up, &qx, d, lo, hi, u + lo);                                           \
+            for (int64_t i = lo; i < hi; i++) {                                                   \
+                float g = h[i];                                                                   \
+                h[i] = (relu ? (g > 0.f ? g : 0.f) : g / (1.f + expf(-g))) * u[i];                \
+            }                                                                                     \
+        }                                                                                         \
+        free(u);                                                                                  \
         qx_free(&qx);                                                                             \
     }
 
