@@ -6,7 +6,7 @@ import mmap
 
 import torch
 
-from ..formats import BLOCK_BYTES, QuantRows, int8_rows
+from ..formats import BLOCK_BYTES, QuantRows, TransposedRows, int8_rows
 from ..interface import FFNWeights, LayerStep, LinearWeights, PredictorWeights, TopKWeights, activate
 from ..reference import TorchExecutor
 from . import layer_step, native
@@ -50,8 +50,12 @@ class CpuExecutor(TorchExecutor):
 
     def linear(self, x, w: LinearWeights):
         if isinstance(w.weight, QuantRows):
-            if x.numel() == x.shape[-1] and native.supports_quant(w.weight):
-                return native.q_gemv(w.weight, x.reshape(-1), w.bias).to(x.dtype).view(*x.shape[:-1], -1)
+            if native.supports_quant(w.weight):
+                if x.numel() == x.shape[-1]:
+                    return native.q_gemv(w.weight, x.reshape(-1), w.bias).to(x.dtype).view(*x.shape[:-1], -1)
+                # several tokens (prefill): integer dots over the blocks, no float copy of W
+                out = native.q_gemm(w.weight, x.reshape(-1, x.shape[-1]), w.bias)
+                return out.to(x.dtype).view(*x.shape[:-1], -1)
             return super().linear(x, w)
         if x.numel() == x.shape[-1] and native.supports(w.weight):   # one token
             return native.gemv(w.weight, x.reshape(-1), w.bias).view(*x.shape[:-1], -1)
@@ -103,6 +107,11 @@ class CpuExecutor(TorchExecutor):
             if (x.dim() == 2 and x.shape[0] == 1 and w.act in ("relu", "silu")
                     and native.supports_dense_ffn(w.gate, w.up, w.down_t)):
                 return native.q_ffn_dense(x[0], w.gate, w.up, w.down_t, w.act).to(x.dtype).unsqueeze(0)
+            if x.dim() == 2 and native.supports_dense_ffn(w.gate, w.up, w.down_t):   # prefill
+                h = activate(native.q_gemm(w.gate, x), w.act) * native.q_gemm(w.up, x)
+                if isinstance(w.down_t, TransposedRows):
+                    return native.q_gemm(w.down_t.stored, h).to(x.dtype)
+                return (h @ w.down_t.rows()).to(x.dtype)   # neuron-major: de-quantised once a call
             return super().ffn_dense(x, w)
         if x.dim() == 2 and x.shape[0] == 1 and native.supports(w.down_t):
             # One token: gate/up as native GEMVs, the down projection as one native pass over

@@ -43,6 +43,8 @@ _SIGNATURES = {
     "es_decode_attention": [_P] * 5 + [_I] * 7 + [_P],
 }
 FMT_CODE = {"q8_0": 0, "q4_0": 1, "q4_1": 2}   # decode_layer.c's FMT_*
+# Kernels over block rows only (one per block format).
+_QUANT_ONLY_SIGNATURES = {"es_gemm": [_P, _P, _P, _I, _I, _I, _I, _P]}
 # Kernels with one name for every format (the format is an argument: FMT_CODE).
 _PLAIN_SIGNATURES = {"es_ffn_dense_q": [_I, _I, _I, _I, _P, _P, _P, _I, _I, _P, _I, _P]}
 
@@ -73,6 +75,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     for name, argtypes in _SIGNATURES.items():
         quant = (_FFN_PAIRS if name == "es_reglu_ffn" else _QUANT.values()) if name in _QUANT_OPS else ()
         for suffix in (*_SUFFIX.values(), *quant):
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes, fn.restype = argtypes, None
+    for name, argtypes in _QUANT_ONLY_SIGNATURES.items():
+        for suffix in _QUANT.values():
             fn = getattr(lib, f"{name}_{suffix}")
             fn.argtypes, fn.restype = argtypes, None
     for name, argtypes in _PLAIN_SIGNATURES.items():
@@ -232,6 +238,17 @@ def q_gemv(w, x: torch.Tensor, bias=None) -> torch.Tensor:
     n, d = w.shape
     out = torch.empty(n, dtype=torch.float32)
     _qfn("es_gemv", w)(w.data.data_ptr(), x.data_ptr(), _ptr(bias), n, d, torch.get_num_threads(), out.data_ptr())
+    return out
+
+
+def q_gemm(w, x: torch.Tensor, bias=None) -> torch.Tensor:
+    """``x [T, d] @ w.T (+ bias)`` for a QuantRows ``w [n, d]`` (prefill); fp32 ``[T, n]``, each
+    row equal to ``q_gemv`` of that token."""
+    x, bias = _f32(x), _f32(bias)
+    n, d = w.shape
+    out = torch.empty(x.shape[0], n, dtype=torch.float32)
+    _qfn("es_gemm", w)(w.data.data_ptr(), x.data_ptr(), _ptr(bias), n, d, x.shape[0], torch.get_num_threads(),
+                       out.data_ptr())
     return out
 
 

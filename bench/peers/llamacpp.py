@@ -91,9 +91,12 @@ def llama_bench(src: Path, gguf: Path, threads: int) -> dict:
                 model_bytes=res["model_size"])
 
 
-def edgesparse_bench(fmt: str, threads: int, rounds: int) -> dict:
+def edgesparse_bench(fmt: str, threads: int, rounds: int, dtype: str = "fp32") -> dict:
+    """``dtype``: the activations' (the block formats' kernels compute in fp32 either way; bf16
+    matmuls in calibration's prefill are emulated, and slow, on CPUs without bf16 units)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    cmd = [PY, "-m", "edgesparse", "bench", "decode", "--synthetic", "tinyllama-1.1b", "--dtype", "bf16",
+    dtype = "bf16" if fmt == "bf16" else dtype
+    cmd = [PY, "-m", "edgesparse", "bench", "decode", "--synthetic", "tinyllama-1.1b", "--dtype", dtype,
            "--new-tokens", 64, "--rounds", rounds, "--json"] + ([] if fmt == "bf16" else ["--weights", fmt])
     r = run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -124,16 +127,18 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--formats", nargs="+", default=["q4_0", "q8_0"])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="edgesparse's activations")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/peer_tinyllama.json")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     src = build_llama_cpp(a.work)
     ggufs = synthetic_gguf(a.work, src, a.formats)
     res = {"model": "synthetic TinyLlama-1.1B shape (2048/5632/22 layers/GQA 32:4)", "threads": a.threads,
+           "activations": a.dtype,
            "formats": {}}
     for fmt in a.formats:
         peer = llama_bench(src, ggufs[fmt], a.threads)
-        ours = edgesparse_bench(fmt, a.threads, a.rounds)
+        ours = edgesparse_bench(fmt, a.threads, a.rounds, a.dtype)
         row = dict(llama_cpp_tok_s=peer["tok_s"], llama_cpp_samples=peer["samples"], llama_cpp_bytes=peer["model_bytes"])
         for k in ("dense_tok_s", "ffn_sparse_tok_s", "full_sparse_tok_s", "ffn_sparsity", "attn_sparsity", "bandwidth_gbs"):
             row[k] = ours[k]

@@ -31,6 +31,22 @@ def test_gemv(fmt, n, d):
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
 @pytest.mark.parametrize("n, d", SHAPES)
+@pytest.mark.parametrize("tokens", [2, 5])
+def test_gemm_is_the_gemv_of_every_token(fmt, n, d, tokens):
+    """Prefill's GEMM runs the GEMV's dots over the same row groups: bit for bit the same."""
+    w = _q(n, d, fmt, 12)
+    g = torch.Generator().manual_seed(13)
+    x, bias = torch.randn(tokens, d, generator=g), torch.randn(n, generator=g)
+    out = native.q_gemm(w, x, bias)
+    assert out.shape == (tokens, n)
+    for t in range(tokens):
+        assert torch.equal(out[t], native.q_gemv(w, x[t], bias))
+    _close(out, x @ w.rows().T + bias, 2e-2)
+    assert torch.allclose(native.q_gemm(w, x), out - bias, atol=1e-4)   # no bias: NULL
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("n, d", SHAPES)
 def test_weighted_rows(fmt, n, d):
     w = _q(n, d, fmt, 1)
     g = torch.Generator().manual_seed(2)

@@ -265,6 +265,41 @@ DEFINE_AXPY4(q41)
         qx_free(&qx);                                                                             \
     }
 
+/* out[T, n] = X W^T (+ bias) for T tokens (prefill): each group of four rows is read once and
+ * dotted with every token's quantised activation while it sits in L1, the same idot4 as the
+ * GEMV over the same thread ranges, so token t's row equals es_gemv of that token exactly.
+ * The float path instead de-quantised every matrix for every forward. */
+#define DEFINE_QGEMM(F)                                                                           \
+    void es_gemm_##F(const uint8_t *w, const float *x, const float *bias, int n, int d, int T,    \
+                     int n_threads, float *out) {                                                 \
+        QX *qx = (QX *)malloc(sizeof(QX) * (size_t)T);                                            \
+        _Pragma("omp parallel for num_threads(n_threads)")                                        \
+        for (int t = 0; t < T; t++) qx_init(&qx[t], x + (int64_t)t * d, d);                       \
+        _Pragma("omp parallel num_threads(n_threads)")                                            \
+        {                                                                                         \
+            THREAD_RANGE(n, lo, hi);                                                              \
+            const uint8_t *nopf[4] = {NULL, NULL, NULL, NULL};                                    \
+            int64_t i = lo;                                                                       \
+            for (; i + 4 <= hi; i += 4) {                                                         \
+                const uint8_t *rows[4];                                                           \
+                for (int r = 0; r < 4; r++) rows[r] = QROW(F, w, i + r, d);                       \
+                for (int t = 0; t < T; t++) {                                                     \
+                    float o[4];                                                                   \
+                    idot4_##F(rows, &qx[t], d, nopf, o);                                          \
+                    for (int r = 0; r < 4; r++) out[(int64_t)t * n + i + r] = o[r] + (bias ? bias[i + r] : 0.f); \
+                }                                                                                 \
+            }                                                                                     \
+            for (; i < hi; i++)                                                                   \
+                for (int t = 0; t < T; t++)                                                       \
+                    out[(int64_t)t * n + i] = idot_##F(QROW(F, w, i, d), &qx[t], d, NULL) + (bias ? bias[i] : 0.f); \
+        }                                                                                         \
+        for (int t = 0; t < T; t++) qx_free(&qx[t]);                                              \
+        free(qx);                                                                                 \
+    }
+DEFINE_QGEMM(q8)
+DEFINE_QGEMM(q4)
+DEFINE_QGEMM(q41)
+
 /* out[d_out] = sum_j coef[j] * row idx[j] (idx NULL: row j); threads split the rows. */
 #define DEFINE_QROWS(F)                                                                           \
     static void qrows_into_##F(const uint8_t *w, const int64_t *idx, const float *coef, int n,    \
