@@ -83,8 +83,9 @@ def synthetic_gguf(work: Path, src: Path, formats) -> dict[str, Path]:
     return out
 
 
-def llama_bench(src: Path, gguf: Path, threads: int) -> dict:
-    r = run([src / "build" / "bin" / "llama-bench", "-m", gguf, "-t", threads, "-p", 0, "-n", 64, "-r", 3,
+def llama_bench(src: Path, gguf: Path, threads: int, prompt: int = 0, gen: int = 64) -> dict:
+    """Decode (``-p 0 -n 64``) or, with ``prompt``, prompt processing (``-p N -n 0``) tok/s."""
+    r = run([src / "build" / "bin" / "llama-bench", "-m", gguf, "-t", threads, "-p", prompt, "-n", gen, "-r", 3,
              "-o", "json"], capture_output=True, text=True)
     res = json.loads(r.stdout)[0]
     return dict(tok_s=round(statistics.median(res["samples_ts"]), 2), samples=res["samples_ts"],

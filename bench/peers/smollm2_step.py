@@ -2,7 +2,8 @@
 dense decode tok/s with the native decoder layer (one C call per layer) and with the
 composed executor ops, plus whether their greedy tokens agree; 25% rotated Top-K (attention
 and MLP, calibrated here on calibrate's default text) through the native layer where it can;
-load time and time to first token.  Not part of CI.
+load time, time to first token, and prompt processing of 512 tokens (llama-bench -p 512 -n 0;
+its quantised prompt path crashes on CPUs with AMX, then pass --no-prompt).  Not part of CI.
 
     python bench/peers/smollm2_step.py --llama-cpp /tmp/peer/llama.cpp \
         [--gguf models/SmolLM2-135M-Instruct.Q4_1.gguf] [--threads 2] [--out bench/results/smollm2_step.json]
@@ -33,6 +34,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/smollm2_step.json")
+    ap.add_argument("--no-prompt", action="store_true", help="skip the 512-token prompt comparison")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -59,6 +61,15 @@ def main():
                                     mlp_sparsity=0.25)["artifacts"]
         topk = edgesparse.load(a.gguf, backend="cpu", artifacts=arts)
     samples["topk25"] = [round(topk.generate(prompt, **kw).tokens_per_s, 2) for _ in range(a.rounds)]
+    pp = {}
+    if not a.no_prompt:   # 512 prompt tokens of calibrate's default text, then one new token
+        from edgesparse.sampling import SamplingParams
+        from edgesparse.sparsity.calibrate import default_data
+        ids = llm.tokenizer(default_data()[0].read_text()[:20_000], add_special_tokens=False)["input_ids"][:512]
+        runs = [llm.engine.generate_ids([ids], SamplingParams(max_new_tokens=1))[0].prefill_s for _ in range(3)]
+        peer_pp = llama_bench(a.llama_cpp, a.gguf, a.threads, prompt=512, gen=0)["tok_s"]
+        pp = {"prompt512_tok_s": round(512 / statistics.median(runs), 1), "llama_cpp_prompt512_tok_s": peer_pp,
+              "prompt512_vs_llama_cpp": round(512 / statistics.median(runs) / peer_pp, 3)}
     peer_med = statistics.median(peer)
     res = {
         "model": a.gguf.name, "threads": a.threads, "bandwidth_gbs": round(read_bandwidth_gbs(llm.model.ex), 2),
@@ -72,7 +83,7 @@ def main():
         "topk25_vs_llama_cpp": round(statistics.median(samples["topk25"]) / peer_med, 3),
         "topk25_weights": sorted({getattr(l.attn.qkv.weight_t, "fmt", "float") for l in topk.model.layers}),
         "greedy_tokens_identical": tokens["native_layer"] == tokens["composed"],
-        "load_s": round(load_s, 2), "first_token_s": round(ttft, 3),
+        "load_s": round(load_s, 2), "first_token_s": round(ttft, 3), **pp,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
