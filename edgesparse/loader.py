@@ -42,13 +42,13 @@ def resolve_model_path(path: str | Path) -> Path:
 
 
 def load_config(p: Path):
-    from transformers import AutoConfig
     try:
         if p.is_dir():
+            from transformers import AutoConfig
             raw = json.loads((p / "config.json").read_text())
             family_of(raw.get("architectures"), raw.get("model_type"))   # refuse before transformers parses it
             return AutoConfig.from_pretrained(p)
-        return _from_gguf(p, AutoConfig, "config.json")
+        return _from_gguf(p, None, "config.json")
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         if isinstance(e, UnsupportedModelError):
             raise
@@ -76,19 +76,44 @@ def _from_gguf(p: Path, auto, marker: str):
     key = hashlib.sha256(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     kind = "config" if marker == "config.json" else "tokenizer"
     cached = cache_dir() / "gguf" / f"{p.stem}-{key}" / kind
+    if kind == "config" and (cached / FULL_CONFIG).exists():
+        return _light_config(cached / FULL_CONFIG)
+    if auto is None:
+        from transformers import AutoConfig as auto
     if (cached / marker).exists():
-        return auto.from_pretrained(cached)
+        obj = auto.from_pretrained(cached)
+        if kind == "config":   # a cache from before the full copy: add it (best effort)
+            try:
+                tmp = cached / f".{FULL_CONFIG}.{os.getpid()}"
+                tmp.write_text(json.dumps(obj.to_dict()))
+                os.replace(tmp, cached / FULL_CONFIG)
+            except OSError:
+                pass
+        return obj
     obj = auto.from_pretrained(p.parent, gguf_file=p.name)
     tmp = None
     try:   # atomic: a concurrent loader sees the whole dir or none
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=cached.parent)
         obj.save_pretrained(tmp)
+        if kind == "config":
+            Path(tmp, FULL_CONFIG).write_text(json.dumps(obj.to_dict()))
         os.replace(tmp, cached)
     except OSError:   # a read-only cache (or a concurrent writer that won) is not an error
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     return obj
+
+
+# Every attribute of the derived config (to_dict, not save_pretrained's diff against the class
+# defaults), so a later load can rebuild it as a plain PretrainedConfig: importing the family's
+# config class pulls in transformers' model-loading modules, ~1 s of a ~2 s cold load.
+FULL_CONFIG = "edgesparse-full-config.json"
+
+
+def _light_config(path: Path):
+    from transformers.configuration_utils import PretrainedConfig
+    return PretrainedConfig(**json.loads(path.read_text()))
 
 
 def load_state_dict(p: Path) -> dict[str, torch.Tensor]:

@@ -75,3 +75,23 @@ def test_truncated_gguf_is_a_clear_error(tmp_path):
     bad.write_bytes(GGUF.read_bytes()[:5_000_000])
     with pytest.raises(ModelFilesError):
         edgesparse.load(bad, backend="cpu")
+
+
+def test_cached_gguf_config_reloads_without_the_family_config_class(tmp_path, monkeypatch):
+    """The first load derives the config through transformers and caches every attribute; later
+    loads rebuild it as a plain PretrainedConfig (no model modules imported) with the same spec
+    and RoPE tables."""
+    import torch
+    from transformers.configuration_utils import PretrainedConfig
+    from edgesparse import loader
+    from edgesparse.models.families import family_of_config
+    from edgesparse.models.spec import spec_from_config
+    monkeypatch.setenv("EDGESPARSE_CACHE", str(tmp_path))
+    derived = loader.load_config(GGUF)
+    assert list(tmp_path.rglob(loader.FULL_CONFIG))
+    light = loader.load_config(GGUF)
+    assert type(light) is PretrainedConfig and type(derived) is not PretrainedConfig
+    specs = [spec_from_config(c, family_of_config(c)) for c in (derived, light)]
+    assert specs[0] == specs[1]
+    for a, b in zip(loader.rope_tables(derived, specs[0], torch.float32), loader.rope_tables(light, specs[1], torch.float32)):
+        assert torch.equal(a, b)
