@@ -89,14 +89,6 @@ static inline void acc_q41(const uint8_t *blk, float a, __m512 *y0, __m512 *y1) 
             _mm512_storeu_ps(y + b * QK, y0);                                                     \
             _mm512_storeu_ps(y + b * QK + 16, y1);                                                \
         }                                                                                         \
-    }                                                                                             \
-    static inline void axpy_##F(float a, const uint8_t *row, float *restrict y, int d,            \
-                                const uint8_t *pf) {                                             \
-        axpyn_##F(1, &a, &row, y, d, &pf);                                                        \
-    }                                                                                             \
-    static inline void axpy4_##F(const float *a, const uint8_t *const *rows, float *restrict y,   \
-                                 int d, const uint8_t *const *pf) {                              \
-        axpyn_##F(4, a, rows, y, d, pf);                                                          \
     }
 DEFINE_AXPY(q8, 34)
 DEFINE_AXPY(q4, 18)
@@ -154,14 +146,6 @@ static inline float acc_q41(const uint8_t *blk, float a, __m256 *y) {
             const __m256 cv = _mm256_set1_ps(c);                                                  \
             for (int j = 0; j < 4; j++) _mm256_storeu_ps(y + b * QK + 8 * j, _mm256_add_ps(v[j], cv)); \
         }                                                                                         \
-    }                                                                                             \
-    static inline void axpy_##F(float a, const uint8_t *row, float *restrict y, int d,            \
-                                const uint8_t *pf) {                                             \
-        axpyn_##F(1, &a, &row, y, d, &pf);                                                        \
-    }                                                                                             \
-    static inline void axpy4_##F(const float *a, const uint8_t *const *rows, float *restrict y,   \
-                                 int d, const uint8_t *const *pf) {                              \
-        axpyn_##F(4, a, rows, y, d, pf);                                                          \
     }
 DEFINE_AXPY(q8, 34)
 DEFINE_AXPY(q4, 18)
@@ -215,6 +199,21 @@ static inline void axpy_q41(float a, const uint8_t *restrict row, float *restric
 DEFINE_AXPY4(q8)
 DEFINE_AXPY4(q4)
 DEFINE_AXPY4(q41)
+#endif
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__F16C__))
+/* One row, or four at once (the bulk): both SIMD variants above define axpyn_F. */
+#define DEFINE_AXPY_CALLS(F)                                                                      \
+    static inline void axpy_##F(float a, const uint8_t *row, float *restrict y, int d,            \
+                                const uint8_t *pf) {                                             \
+        axpyn_##F(1, &a, &row, y, d, &pf);                                                        \
+    }                                                                                             \
+    static inline void axpy4_##F(const float *a, const uint8_t *const *rows, float *restrict y,   \
+                                 int d, const uint8_t *const *pf) {                              \
+        axpyn_##F(4, a, rows, y, d, pf);                                                          \
+    }
+DEFINE_AXPY_CALLS(q8)
+DEFINE_AXPY_CALLS(q4)
+DEFINE_AXPY_CALLS(q41)
 #endif
 
 /* out[i - lo] = row i . x for rows lo..hi-1 of w (hi: the end of the thread's rows, for the
