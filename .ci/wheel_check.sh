@@ -19,11 +19,12 @@ echo "$out" | grep -q "tokens/s" || { echo "wheel check: no answer from chat" >&
 import edgesparse
 from edgesparse.backends.cpu import layer_step, native
 assert native.lib() is not None, native.status()
-calls, real = [], layer_step.run
+calls, real, real_all = [], layer_step.run, layer_step.run_all
 layer_step.run = lambda *a: calls.append(1) or real(*a)
+layer_step.run_all = lambda stack, *a: calls.extend([1] * len(stack.plans)) or real_all(stack, *a)
 llm = edgesparse.load("tiny", backend="cpu", weights="q4_0")
 assert llm.generate("The history of the city", max_new_tokens=4).token_ids
-assert calls, "wheel check: the native decoder layer did not run"
+assert calls, "wheel check: the native decoder layers did not run"
 print(f"wheel check: q4_0 decode, {len(calls)} layers through the native step")
 PY
 echo "wheel check: ok"
