@@ -15,6 +15,7 @@ import torch
 
 from ..errors import InvalidOptionError
 from ..progress import progress
+from edgesparse.backends.formats import QuantRows
 
 SYNTHETIC = {"tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                                     num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
@@ -93,6 +94,7 @@ def bench_decode(model_path=None, synthetic=None, backend="cpu", dtype="bf16", p
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(10, cfg.vocab_size, (prompt_tokens,), generator=g).tolist()
         res = {k: [] for k in ("hf", "dense", "ffn_sparse")}
+        nbytes = {}
         with torch.inference_mode():
             for _ in progress(range(rounds), desc="decode rounds"):
                 res["hf"].append(_hf_tok_s(hf, torch.tensor([ids]), new_tokens))
@@ -102,8 +104,12 @@ def bench_decode(model_path=None, synthetic=None, backend="cpu", dtype="bf16", p
                 model.stats.reset()
                 res["ffn_sparse"].append(_engine_tok_s(engine, ids, new_tokens))
             ffn_stats = model.stats.summary()
+            nbytes["dense"] = weight_bytes_per_token(model, "dense", False, {})
+            nbytes["ffn_sparse"] = weight_bytes_per_token(model, "predictor", False, ffn_stats)
             apply_topk(model, arts)
+            model.stats.reset()
             res["full_sparse"] = [_engine_tok_s(engine, ids, new_tokens) for _ in range(rounds)]
+            nbytes["full_sparse"] = weight_bytes_per_token(model, "predictor", True, model.stats.summary())
     med = {k: statistics.median(v) for k, v in res.items()}
     from .ffn import read_bandwidth_gbs
     bw = read_bandwidth_gbs(model.ex, 1024)
@@ -124,8 +130,60 @@ def bench_decode(model_path=None, synthetic=None, backend="cpu", dtype="bf16", p
                 dense_vs_hf=round(med["dense"] / hf, 3),
                 ffn_sparsity=round(ffn_stats["ffn_sparsity"], 4), gate_sparsity=round(ffn_stats["gate_sparsity"], 4),
                 attn_sparsity=round(attn_sp, 4), topk=arts_topk, setup_s=setup_s, calibrate_s=calibrate_s,
+                per_token={k: _breakdown(med[k], nbytes[k], bw) for k in nbytes},
                 note=("synthetic random weights: thresholds set the sparsity (no natural sparsity)"
                       if synthetic else None), raw=res)
+
+
+def _nbytes(t) -> int:
+    return 0 if t is None else (t.nbytes if isinstance(t, QuantRows) else t.numel() * t.element_size())
+
+
+def _predictor_bytes(p) -> int:
+    """The bytes a predictor's scores read: the int8 rows where the backend packed them, else
+    the matrices it keeps (fp32 copies on cpu with block weights, or a and b)."""
+    if p is None:
+        return 0
+    if p.packed:
+        qa, _, qb, _ = p.packed
+        if qa is not None and qb is not None:
+            return _nbytes(qa) + _nbytes(qb)
+    if p.fp32:
+        return sum(_nbytes(t) for t in p.fp32[:2])
+    return _nbytes(p.a) + _nbytes(p.b)
+
+
+def weight_bytes_per_token(model, ffn_mode: str, topk: bool, stats: dict) -> int:
+    """The weight bytes one decode step streams: every matrix a dense step reads, less what a
+    sparse step skips (Top-K: k of each Top-K matrix's input rows; FFN: the gate rows and the
+    up/down rows the measured sparsities skip, plus the predictor), plus the lm_head and one
+    embedding row."""
+    from ..models.weights import TopKAttention
+    total = _nbytes(model.lm_head.weight) + _nbytes(model.embed) // model.spec.vocab_size
+    gate_keep = 1 - stats.get("gate_sparsity", 0.0)
+    row_keep = 1 - stats.get("ffn_sparsity", 0.0)
+    for layer in model.layers:
+        attn, mlp = layer.attn, layer.mlp
+        if isinstance(attn, TopKAttention):
+            for w in (attn.qkv, attn.o):
+                rows = w.weight_t.shape[0]
+                total += _nbytes(w.weight_t) * (min(w.k, rows) / rows if topk else 1)
+        else:
+            total += _nbytes(attn.qkv.weight) + _nbytes(attn.o.weight)
+        f = mlp.ffn
+        if ffn_mode == "dense":
+            total += _nbytes(f.gate) + _nbytes(f.up) + _nbytes(f.down_t)
+        else:
+            total += _nbytes(f.gate) * gate_keep + (_nbytes(f.up) + _nbytes(f.down_t)) * row_keep
+            total += _predictor_bytes(getattr(mlp, "predictor", None))
+    return int(total)
+
+
+def _breakdown(tok_s: float, nbytes: int, bw_gbs: float) -> dict:
+    """Per-token time against the time its weight bytes take at the measured read bandwidth."""
+    token_ms, floor_ms = 1000 / tok_s, nbytes / bw_gbs / 1e6
+    return dict(weight_mb=round(nbytes / 1e6, 3), token_ms=round(token_ms, 2), streaming_ms=round(floor_ms, 2),
+                non_streaming_share=round(1 - floor_ms / token_ms, 3))
 
 
 def _default_text():

@@ -52,5 +52,24 @@ def test_bench_decode_reports_all_engines(llama_relu):
     for k in ("hf_tok_s", "dense_tok_s", "ffn_sparse_tok_s", "full_sparse_tok_s"):
         assert out[k] > 0
     assert 0 < out["ffn_sparsity"] < 1 and abs(out["attn_sparsity"] - 0.4) < 0.05
+    t = out["per_token"]   # weight bytes streamed vs the rest of each token
+    assert t["dense"]["weight_mb"] > max(t["ffn_sparse"]["weight_mb"], t["full_sparse"]["weight_mb"])
+    assert min(t["ffn_sparse"]["weight_mb"], t["full_sparse"]["weight_mb"]) > 0
+    for k in t:
+        assert t[k]["token_ms"] > t[k]["streaming_ms"] > 0 and 0 < t[k]["non_streaming_share"] < 1
     with pytest.raises(InvalidOptionError):
         bench_decode()
+
+
+def test_weight_bytes_per_token_counts_what_a_step_reads():
+    """Dense: every matrix once, plus the head and one embedding row; sparse: the kept shares."""
+    import edgesparse
+    from edgesparse.benchmarks.decode import weight_bytes_per_token
+    m = edgesparse.load("tiny", backend="cpu", weights="q8_0").model
+    mats = sum(l.attn.qkv.weight.nbytes + l.attn.o.weight.nbytes + l.mlp.ffn.gate.nbytes + l.mlp.ffn.up.nbytes
+               + l.mlp.ffn.down_t.nbytes for l in m.layers)
+    embed_row = m.embed.numel() * m.embed.element_size() // m.spec.vocab_size
+    assert weight_bytes_per_token(m, "dense", False, {}) == mats + m.lm_head.weight.nbytes + embed_row
+    half = weight_bytes_per_token(m, "exact", False, {"gate_sparsity": 0.0, "ffn_sparsity": 0.5})
+    ffn = sum(l.mlp.ffn.up.nbytes + l.mlp.ffn.down_t.nbytes for l in m.layers)
+    assert abs(half - (mats + m.lm_head.weight.nbytes + embed_row - ffn / 2)) <= len(m.layers)
