@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from edgesparse.errors import ModelFilesError
 from .families import TensorNames
 
 
@@ -26,15 +27,20 @@ class FloatSource:
     @classmethod
     def from_safetensors(cls, files: list[Path], names: TensorNames) -> "FloatSource":
         """Tensors read lazily from ``files``: each call maps one tensor, nothing stays resident."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         where = {}
         for f in files:
             with safe_open(str(f), "pt") as fh:
                 where.update({k: f for k in fh.keys()})
 
         def get(name):
-            with safe_open(str(where[name]), "pt") as fh:
-                return fh.get_tensor(name)
+            if name not in where:
+                raise KeyError(name)
+            try:
+                with safe_open(str(where[name]), "pt") as fh:
+                    return fh.get_tensor(name)
+            except (OSError, SafetensorError) as e:   # the checkpoint changed or went away since load
+                raise ModelFilesError(f"cannot re-read {name} from {where[name]}: {str(e).splitlines()[0]}") from e
         return cls(get, names)
 
     def _t(self, template: str, i: int | None = None) -> torch.Tensor:

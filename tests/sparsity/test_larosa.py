@@ -143,3 +143,19 @@ def test_without_a_float_source_folds_keep_eight_bits(ckpt_factory, textfile, tm
     attach_artifacts(llm.model, tmp_path / "a")
     layer = llm.model.layers[0]
     assert layer.attn.qkv.weight_t.fmt == "q8_0" and layer.mlp.ffn.gate.fmt == "q8_0"
+
+
+def test_a_checkpoint_gone_since_load_is_a_clear_error(ckpt_factory, textfile, tmp_path):
+    """Folding re-reads the float matrices: a checkpoint deleted since load is ModelFilesError."""
+    import shutil
+    from edgesparse.errors import ModelFilesError
+    from edgesparse.sparsity import attach_artifacts
+    path = ckpt_factory("llama", "relu")
+    calibrate(path, tmp_path / "a", data=[textfile], backend="cpu", tokens=1024, window=128,
+              attn_sparsity=0.3, rotation="global", weights="q4_0")
+    copy = tmp_path / "ckpt"
+    shutil.copytree(path, copy)
+    llm = edgesparse.load(copy, backend="cpu", weights="q4_0")
+    shutil.rmtree(copy)
+    with pytest.raises(ModelFilesError, match="cannot re-read"):
+        attach_artifacts(llm.model, tmp_path / "a")
