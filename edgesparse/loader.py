@@ -30,7 +30,15 @@ def resolve_model_path(path: str | Path) -> Path:
         return EMBEDDED[str(path)]
     p = Path(path).expanduser()
     if not p.exists():
-        raise ModelFilesError(f"model not found: {path} (give a checkpoint dir, a .gguf file, or 'tiny')")
+        from .hub import fetch, parse_hub_id
+        # a hub id, unless it reads as a mistyped local path (its first part exists here, or it
+        # names a weights file)
+        local_like = isinstance(path, str) and (Path(path.split("/")[0]).expanduser().exists()
+                                                or path.split(":")[0].endswith((".gguf", ".safetensors")))
+        if isinstance(path, str) and parse_hub_id(path) and not local_like:
+            return fetch(path)
+        raise ModelFilesError(f"model not found: {path} (give a checkpoint dir, a .gguf file, a Hugging Face "
+                              "hub id org/name, or 'tiny')")
     if p.is_dir():
         if not (p / "config.json").exists():
             raise ModelFilesError(f"{p} has no config.json: not a Hugging Face checkpoint dir")

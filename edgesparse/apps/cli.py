@@ -14,7 +14,8 @@ DEMO_PROMPT = "The history of the city"
 def _add_model_opts(p, artifacts=True):
     from edgesparse.backends import choices
     from edgesparse.backends.formats import WEIGHT_FORMATS
-    p.add_argument("model", help="HF checkpoint dir, .gguf file, or 'tiny' (the embedded model)")
+    p.add_argument("model", help="HF checkpoint dir, .gguf file, hub id org/name[@revision][:FILE.gguf], "
+                   "or 'tiny' (the embedded model)")
     p.add_argument("--backend", default="auto", choices=choices())
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
     p.add_argument("--weights", default=None, choices=WEIGHT_FORMATS,
