@@ -1,4 +1,5 @@
-"""Sampling options and next-token selection (greedy / temperature / top-k / top-p, seeded)."""
+"""Sampling options and next-token selection (greedy / temperature / top-k / top-p / min-p,
+repetition penalty, seeded)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ class SamplingParams:
     temperature: float = 0.0          # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0                    # 0 = off
+    min_p: float = 0.0                # drop tokens below min_p x the top token's probability; 0 = off
+    repetition_penalty: float = 1.0   # > 1 discourages tokens already in the prompt or output (CTRL's rule)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)   # stop strings (not included in the text)
     stop_token_ids: list[int] | None = None          # None = the model's EOS tokens
@@ -29,6 +32,10 @@ class SamplingParams:
             raise InvalidOptionError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidOptionError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise InvalidOptionError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0 < self.repetition_penalty <= 10:
+            raise InvalidOptionError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or self.seed not in SEED_RANGE):
             raise InvalidOptionError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
@@ -37,8 +44,17 @@ class SamplingParams:
         return self
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
-    """Next token for each row of ``logits [B, V]`` -> ``[B]``."""
+def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None,
+           seen: list[list[int]] | None = None) -> torch.Tensor:
+    """Next token for each row of ``logits [B, V]`` -> ``[B]``; ``seen[b]``: row b's prompt and
+    output so far (for the repetition penalty)."""
+    if p.repetition_penalty != 1 and seen is not None:
+        logits = logits.float().clone()
+        for b, ids in enumerate(seen):   # as transformers: divide positive logits, multiply negative
+            if ids:
+                idx = torch.tensor(sorted(set(ids)), device=logits.device)
+                v = logits[b, idx]
+                logits[b, idx] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
     if p.temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / p.temperature
@@ -52,5 +68,7 @@ def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None)
         srt = srt.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, srt)
     probs = logits.softmax(-1)
+    if p.min_p > 0:
+        probs = probs.masked_fill(probs < p.min_p * probs.amax(-1, keepdim=True), 0.0)
     # Sample on the CPU generator so a seed gives the same text on every backend.
     return torch.multinomial(probs.cpu(), 1, generator=gen).flatten().to(logits.device)

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ffn-mode", choices=["dense", "exact", "predictor"], default=None)
     p.add_argument("--stream", action="store_true")
@@ -102,7 +104,7 @@ def cmd_generate(args):
     from ..api import load
     from ..sampling import SamplingParams
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-              top_k=args.top_k, seed=args.seed)
+              top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     SamplingParams(**kw).validate()  # fail on bad options before the (slow) load
     llm = load(args.model, backend=args.backend, dtype=args.dtype, artifacts=args.artifacts, weights=args.weights)
     if args.ffn_mode:
@@ -212,6 +214,8 @@ def _add_more_commands(sub):
     p.add_argument("--max-new-tokens", type=_positive_int, default=256)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--system", default=None, help="system prompt")
 
@@ -268,11 +272,12 @@ def cmd_chat(args):
     from ..api import load
     from .chat import chat_loop
     from ..sampling import SamplingParams
-    SamplingParams(temperature=args.temperature, top_p=args.top_p).validate()
+    SamplingParams(temperature=args.temperature, top_p=args.top_p, min_p=args.min_p,
+                   repetition_penalty=args.repetition_penalty).validate()
     llm = load(args.model, backend=args.backend, dtype=args.dtype, artifacts=args.artifacts, weights=args.weights)
     llm.chat_prompt([{"role": "user", "content": "hi"}])  # fail early without a chat template
     chat_loop(llm, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-              seed=args.seed, system=args.system)
+              seed=args.seed, system=args.system, min_p=args.min_p, repetition_penalty=args.repetition_penalty)
 
 
 def cmd_serve(args):

@@ -115,6 +115,9 @@ def test_disconnect_mid_stream_is_dropped(server):
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/completions", {"prompt": "word " * 400, "max_tokens": 10}, "context"),
     ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "min_p": 2}, "min_p"),
+    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "hi", "frequency_penalty": 0.5}, "frequency_penalty"),
 ])
 def test_bad_requests_get_400_with_openai_error_body(server, path, body, needle):
     base, _ = server

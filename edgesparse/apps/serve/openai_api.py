@@ -16,8 +16,8 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 NEUTRAL = {"n": [1], "logprobs": [False, 0], "top_logprobs": [0], "frequency_penalty": [0], "presence_penalty": [0],
            "logit_bias": [{}], "tools": [[]], "tool_choice": ["none", "auto"], "functions": [[]],
            "response_format": [{"type": "text"}], "echo": [False], "best_of": [1], "suffix": [""]}
-SAMPLING = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
-            "user"}
+SAMPLING = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
+            "stream", "stream_options", "user"}
 CHAT_FIELDS = SAMPLING | {"messages", "max_completion_tokens", "parallel_tool_calls", "n", "logprobs",
                           "top_logprobs", "frequency_penalty", "presence_penalty", "logit_bias", "tools",
                           "tool_choice", "functions", "response_format"}
@@ -140,6 +140,12 @@ def _sampling(body: dict, max_tokens_field: str) -> tuple[SamplingParams, int | 
     top_k = _get(body, "top_k", (int,), "an integer", 0)
     if top_k < -1:
         raise RequestError(f"'top_k' must be >= 0 (or -1 for off), got {top_k}", "top_k")
+    min_p = _get(body, "min_p", (int, float), "a number", 0.0)
+    if not 0 <= min_p <= 1:
+        raise RequestError(f"'min_p' must be in [0, 1], got {_short(min_p)}", "min_p")
+    rep = _get(body, "repetition_penalty", (int, float), "a number", 1.0)
+    if not 0 < rep <= 10:
+        raise RequestError(f"'repetition_penalty' must be in (0, 10], got {_short(rep)}", "repetition_penalty")
     seed = _get(body, "seed", (int,), "an integer")
     if seed is not None and seed not in SEED_RANGE:
         raise RequestError(f"'seed' must be in [-2**63, 2**64), got {_short(seed)}", "seed")
@@ -157,7 +163,8 @@ def _sampling(body: dict, max_tokens_field: str) -> tuple[SamplingParams, int | 
             raise RequestError("'stream_options' takes only 'include_usage' (a boolean)", "stream_options")
         include_usage = opts.get("include_usage", False)
     params = SamplingParams(max_new_tokens=1, temperature=float(temperature), top_p=float(top_p),
-                            top_k=max(top_k, 0), seed=seed, stop=stop)
+                            top_k=max(top_k, 0), min_p=float(min_p), repetition_penalty=float(rep), seed=seed,
+                            stop=stop)
     return params, max_tokens, stream, include_usage
 
 
