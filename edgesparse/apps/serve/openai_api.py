@@ -125,27 +125,27 @@ def _check_fields(body: dict, allowed: set, model_id: str) -> None:
     _get(body, "parallel_tool_calls", (bool,), "a boolean")
 
 
+def _number(body, name, default, ok, where: str):
+    """A numeric field, ``default`` when absent, a 400 naming it when ``ok(v)`` fails."""
+    v = _get(body, name, (int, float), "a number", default)
+    if not ok(v):
+        raise RequestError(f"'{name}' must be in {where}, got {_short(v)}", name)
+    return v
+
+
 def _sampling(body: dict, max_tokens_field: str) -> tuple[SamplingParams, int | None, bool, bool]:
     max_tokens = _get(body, max_tokens_field, (int,), "a positive integer")
     if max_tokens_field != "max_tokens" and max_tokens is None:
         max_tokens = _get(body, "max_tokens", (int,), "a positive integer")
     if max_tokens is not None and max_tokens < 1:
         raise RequestError(f"'max_tokens' must be a positive integer, got {_short(max_tokens)}", "max_tokens")
-    temperature = _get(body, "temperature", (int, float), "a number", 1.0)
-    if not 0 <= temperature <= 100:
-        raise RequestError(f"'temperature' must be in [0, 100], got {_short(temperature)}", "temperature")
-    top_p = _get(body, "top_p", (int, float), "a number", 1.0)
-    if not 0 < top_p <= 1:
-        raise RequestError(f"'top_p' must be in (0, 1], got {_short(top_p)}", "top_p")
+    temperature = _number(body, "temperature", 1.0, lambda v: 0 <= v <= 100, "[0, 100]")
+    top_p = _number(body, "top_p", 1.0, lambda v: 0 < v <= 1, "(0, 1]")
     top_k = _get(body, "top_k", (int,), "an integer", 0)
     if top_k < -1:
         raise RequestError(f"'top_k' must be >= 0 (or -1 for off), got {top_k}", "top_k")
-    min_p = _get(body, "min_p", (int, float), "a number", 0.0)
-    if not 0 <= min_p <= 1:
-        raise RequestError(f"'min_p' must be in [0, 1], got {_short(min_p)}", "min_p")
-    rep = _get(body, "repetition_penalty", (int, float), "a number", 1.0)
-    if not 0 < rep <= 10:
-        raise RequestError(f"'repetition_penalty' must be in (0, 10], got {_short(rep)}", "repetition_penalty")
+    min_p = _number(body, "min_p", 0.0, lambda v: 0 <= v <= 1, "[0, 1]")
+    rep = _number(body, "repetition_penalty", 1.0, lambda v: 0 < v <= 10, "(0, 10]")
     seed = _get(body, "seed", (int,), "an integer")
     if seed is not None and seed not in SEED_RANGE:
         raise RequestError(f"'seed' must be in [-2**63, 2**64), got {_short(seed)}", "seed")
