@@ -141,12 +141,10 @@ class Engine:
         stop_ids = set(self._stop_ids(params))
         logits = m.forward(ids, cache, pos, valid)
         next_pos = pos[:, -1:] + 1
-        seen = ([list(p) for p in prompt_ids] if params.repetition_penalty != 1 else None)
         for _ in range(params.max_new_tokens):
+            # the repetition penalty's history: each prompt and what its row has recorded
+            seen = ([p + r.ids for p, r in zip(prompt_ids, rows)] if params.repetition_penalty != 1 else None)
             tok = sample(logits, params, gen, seen).tolist()
-            if seen is not None:
-                for s, t in zip(seen, tok):
-                    s.append(t)
             for r, t in zip(rows, tok):
                 if r.done is None:
                     r.ids.append(t)

@@ -22,6 +22,13 @@ def parse_hub_id(spec: str):
     return None if m is None else (m["repo"], m["rev"], m["file"])
 
 
+def is_hub_id(spec: str) -> bool:
+    """``spec`` has a hub id's shape and does not read as a mistyped local path (its first part
+    exists here, or it names a weights file)."""
+    local_like = Path(spec.split("/")[0]).expanduser().exists() or spec.split(":")[0].endswith((".gguf", ".safetensors"))
+    return parse_hub_id(spec) is not None and not local_like
+
+
 def fetch(spec: str) -> Path:
     """The local path (snapshot dir, or the GGUF file in it) of a hub id."""
     from huggingface_hub import snapshot_download

@@ -30,12 +30,8 @@ def resolve_model_path(path: str | Path) -> Path:
         return EMBEDDED[str(path)]
     p = Path(path).expanduser()
     if not p.exists():
-        from .hub import fetch, parse_hub_id
-        # a hub id, unless it reads as a mistyped local path (its first part exists here, or it
-        # names a weights file)
-        local_like = isinstance(path, str) and (Path(path.split("/")[0]).expanduser().exists()
-                                                or path.split(":")[0].endswith((".gguf", ".safetensors")))
-        if isinstance(path, str) and parse_hub_id(path) and not local_like:
+        from .hub import fetch, is_hub_id
+        if isinstance(path, str) and is_hub_id(path):
             return fetch(path)
         raise ModelFilesError(f"model not found: {path} (give a checkpoint dir, a .gguf file, a Hugging Face "
                               "hub id org/name, or 'tiny')")
@@ -56,7 +52,7 @@ def load_config(p: Path):
             raw = json.loads((p / "config.json").read_text())
             family_of(raw.get("architectures"), raw.get("model_type"))   # refuse before transformers parses it
             return AutoConfig.from_pretrained(p)
-        return _from_gguf(p, None, "config.json")
+        return _from_gguf(p, "config")
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         if isinstance(e, UnsupportedModelError):
             raise
@@ -68,12 +64,12 @@ def load_tokenizer(p: Path):
     try:
         if p.is_dir():
             return AutoTokenizer.from_pretrained(p)
-        return _from_gguf(p, AutoTokenizer, "tokenizer_config.json")
+        return _from_gguf(p, "tokenizer")
     except (OSError, ValueError) as e:
         raise ModelFilesError(f"cannot load the tokenizer of {p}: {str(e).splitlines()[0]}") from e
 
 
-def _from_gguf(p: Path, auto, marker: str):
+def _from_gguf(p: Path, kind: str):
     """transformers' config or tokenizer of a GGUF file, derived once and then read from the
     cache (deriving them parses the whole file in Python: ~4 s each for SmolLM2's 98 MB)."""
     import hashlib
@@ -82,19 +78,21 @@ def _from_gguf(p: Path, auto, marker: str):
     from .cache import cache_dir
     st = p.stat()
     key = hashlib.sha256(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    kind = "config" if marker == "config.json" else "tokenizer"
     cached = cache_dir() / "gguf" / f"{p.stem}-{key}" / kind
     if kind == "config" and (cached / FULL_CONFIG).exists():
         return _light_config(cached / FULL_CONFIG)
-    if auto is None:
+    # imported only here: each pulls in its part of transformers (the config's, ~1 s)
+    if kind == "config":
         from transformers import AutoConfig as auto
+        marker = "config.json"
+    else:
+        from transformers import AutoTokenizer as auto
+        marker = "tokenizer_config.json"
     if (cached / marker).exists():
         obj = auto.from_pretrained(cached)
         if kind == "config":   # a cache from before the full copy: add it (best effort)
             try:
-                tmp = cached / f".{FULL_CONFIG}.{os.getpid()}"
-                tmp.write_text(json.dumps(obj.to_dict()))
-                os.replace(tmp, cached / FULL_CONFIG)
+                _save_full_config(obj, cached)
             except OSError:
                 pass
         return obj
@@ -105,7 +103,7 @@ def _from_gguf(p: Path, auto, marker: str):
         tmp = tempfile.mkdtemp(dir=cached.parent)
         obj.save_pretrained(tmp)
         if kind == "config":
-            Path(tmp, FULL_CONFIG).write_text(json.dumps(obj.to_dict()))
+            _save_full_config(obj, Path(tmp))
         os.replace(tmp, cached)
     except OSError:   # a read-only cache (or a concurrent writer that won) is not an error
         if tmp is not None:
@@ -117,6 +115,13 @@ def _from_gguf(p: Path, auto, marker: str):
 # defaults), so a later load can rebuild it as a plain PretrainedConfig: importing the family's
 # config class pulls in transformers' model-loading modules, ~1 s of a ~2 s cold load.
 FULL_CONFIG = "edgesparse-full-config.json"
+
+
+def _save_full_config(config, folder: Path) -> None:
+    """``FULL_CONFIG`` in ``folder``, written whole or not at all (a temporary file renamed)."""
+    tmp = folder / f".{FULL_CONFIG}.{os.getpid()}"
+    tmp.write_text(json.dumps(config.to_dict()))
+    os.replace(tmp, folder / FULL_CONFIG)
 
 
 def _light_config(path: Path):

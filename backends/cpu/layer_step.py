@@ -112,6 +112,12 @@ def build(step: LayerStep, cache_k: torch.Tensor, act_dtype: torch.dtype) -> Pla
     return Plan(desc, keep)
 
 
+def _inputs(x, cos, sin, dtype):
+    """A fresh copy of x (the C code updates it in place) and the RoPE rows, in the cache's
+    dtype and contiguous; the caller holds them while C reads them."""
+    return x.to(dtype).contiguous().clone(), cos.to(dtype).contiguous(), sin.to(dtype).contiguous()
+
+
 class Stack:
     """The plans of all layers as one C array, for ``es_decode_layers``."""
 
@@ -125,24 +131,18 @@ def run_all(stack: Stack, x: torch.Tensor, caches_k, caches_v, cos, sin, slot: i
     """``x [d]`` -> ``(x_out [d], [(gate_rows, active_rows) per layer])`` through every layer;
     ``caches_*``: the layers' ``[1, n_kv, S, hd]`` caches."""
     n = len(stack.plans)
-    dt = caches_k[0].dtype
-    out = x.to(dt).contiguous().clone()
-    cos, sin = cos.to(dt).contiguous(), sin.to(dt).contiguous()
+    out, cos, sin = _inputs(x, cos, sin, caches_k[0].dtype)
     ck = (_P * n)(*[t.data_ptr() for t in caches_k])
     cv = (_P * n)(*[t.data_ptr() for t in caches_v])
-    fn = native.lib().es_decode_layers
-    if fn.argtypes is None:
-        fn.argtypes, fn.restype = [_P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _P], None
-    fn(stack.ptrs, n, out.data_ptr(), ck, cv, cos.data_ptr(), sin.data_ptr(), slot, first,
-       torch.get_num_threads(), stack.counts)
+    native.lib().es_decode_layers(stack.ptrs, n, out.data_ptr(), ck, cv, cos.data_ptr(), sin.data_ptr(), slot,
+                                  first, torch.get_num_threads(), stack.counts)
     c = stack.counts
     return out, [(c[2 * i], c[2 * i + 1]) for i in range(n)]
 
 
 def run(plan: Plan, x: torch.Tensor, cache_k, cache_v, cos, sin, slot: int, first: int):
     """``x [d]`` -> ``(x_out [d], gate_rows, active_rows)`` through the native layer."""
-    out = x.to(cache_k.dtype).contiguous().clone()
-    cos, sin = cos.to(cache_k.dtype).contiguous(), sin.to(cache_k.dtype).contiguous()   # held: C reads them
+    out, cos, sin = _inputs(x, cos, sin, cache_k.dtype)
     counts = (ctypes.c_int64 * 2)()
     _fn()(plan.ref, out.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
           slot, first, torch.get_num_threads(), counts)

@@ -46,7 +46,8 @@ FMT_CODE = {"q8_0": 0, "q4_0": 1, "q4_1": 2}   # decode_layer.c's FMT_*
 # Kernels over block rows only (one per block format).
 _QUANT_ONLY_SIGNATURES = {"es_gemm": [_P, _P, _P, _I, _I, _I, _I, _P]}
 # Kernels with one name for every format (the format is an argument: FMT_CODE).
-_PLAIN_SIGNATURES = {"es_ffn_dense_q": [_I, _I, _I, _I, _P, _P, _P, _I, _I, _P, _I, _P]}
+_PLAIN_SIGNATURES = {"es_ffn_dense_q": [_I, _I, _I, _I, _P, _P, _P, _I, _I, _P, _I, _P],
+                     "es_decode_layers": [_P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _P]}
 
 
 def _build() -> tuple[ctypes.CDLL | None, str]:

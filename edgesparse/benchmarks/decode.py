@@ -15,7 +15,6 @@ import torch
 
 from ..errors import InvalidOptionError
 from ..progress import progress
-from edgesparse.backends.formats import QuantRows
 
 SYNTHETIC = {"tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                                     num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
@@ -136,7 +135,7 @@ def bench_decode(model_path=None, synthetic=None, backend="cpu", dtype="bf16", p
 
 
 def _nbytes(t) -> int:
-    return 0 if t is None else (t.nbytes if isinstance(t, QuantRows) else t.numel() * t.element_size())
+    return 0 if t is None else t.nbytes   # tensors and QuantRows alike
 
 
 def _predictor_bytes(p) -> int:
