@@ -1,6 +1,6 @@
 """The cpu backend's block-quantised kernels one at a time: GEMV (integer dots), row sums (the
-neuron-major down projection) and the dense FFN, at SmolLM2's shapes (in cache) and one 37 MB
-matrix (streamed from memory).  Medians of repeated calls, with the measured read bandwidth.
+neuron-major down projection), Top-K linears and the dense FFN, at SmolLM2's shapes (in cache),
+the TinyLlama shape's down projection and Top-K qkv, and one 37 MB matrix (streamed from memory).  Medians of repeated calls, with the measured read bandwidth.
 
     python bench/quant_kernels.py [--out bench/results/quant_kernels.json]
 """
@@ -46,6 +46,15 @@ def main():
         us = _median_us(lambda: native.q_weighted_rows(w, None, h), 300)
         rows.append(dict(kernel="row_sums", fmt=fmt, shape=[1536, 576], us=round(us, 1),
                          gbs=round(w.nbytes / us / 1e3, 1)))
+        # the TinyLlama shape's neuron-major down projection and Top-K qkv (W^T, 1378 of 2048 inputs)
+        w, h = quantize_rows(torch.randn(5632, 2048), fmt), torch.randn(5632)
+        us = _median_us(lambda: native.q_weighted_rows(w, None, h), 30)
+        rows.append(dict(kernel="row_sums", fmt=fmt, shape=[5632, 2048], us=round(us, 1),
+                         gbs=round(w.nbytes / us / 1e3, 1)))
+        w, x = quantize_rows(torch.randn(2048, 2560), fmt), torch.randn(2048)
+        us = _median_us(lambda: native.q_topk_linear(w, x, 1378), 50)
+        rows.append(dict(kernel="topk_linear k=1378", fmt=fmt, shape=[2048, 2560], us=round(us, 1),
+                         gbs=round(w.nbytes * 1378 / 2048 / us / 1e3, 1)))
         g, u = quantize_rows(torch.randn(1536, 576), fmt), quantize_rows(torch.randn(1536, 576), fmt)
         q = quantize_rows(torch.randn(576, 1536), fmt)
         x = torch.randn(576)

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from edgesparse.backends.formats import QuantRows, requantised_format
+from edgesparse.backends.formats import QuantRows, int8_rows, requantised_format
 from edgesparse.errors import ArtifactError
 from edgesparse.models.weights import Attention, Layer, ReGLUMLP, TopKAttention, TopKMLP
+from edgesparse.predictors.int8 import snap_rows
 from edgesparse.predictors.rotation import block_topk_sizes, pca_rotation
 
 ROTATIONS = ("shared", "per-site", "global")
@@ -163,6 +164,12 @@ def _install(model, ex, dt, spec, ks, rot_attn, rot_mlp, scaled):
             gate, up, down_t = (gate * gm) @ qm, (up * gm) @ qm, down_t @ qm
             if predictor is not None:   # ReGLU predictor reads the same input
                 a = qm.T @ (gm[:, None] * predictor.a.double())
+                if int8_rows(predictor.a.t()) is not None:
+                    # calibrated on the int8 grid: the rotated A goes back onto its own grid, so
+                    # the kernels keep streaming int8 rows (a quarter of fp32's bytes: 46 MB a
+                    # token on the TinyLlama shape).  Scores move by the grid's rounding, ~0.2%
+                    # of a row's largest entry, against thresholds fitted on the unrotated grid.
+                    a = snap_rows(a.T).T
                 predictor = ex.prepare_predictor(a.to(dt), predictor.b, predictor.bias)
             mlp_norm = torch.ones_like(mlp_norm)
         if scaled and not spec.is_reglu:  # ReGLU inputs feed the SVD predictor: left as they are

@@ -54,9 +54,38 @@ def test_weighted_rows(fmt, n, d):
         idx = torch.randperm(n, generator=g)[:count]
         coef = torch.randn(count, generator=g)
         want = coef @ w.rows(idx) if count else torch.zeros(d)
-        _close(native.q_weighted_rows(w, idx, coef), want, 1e-5)   # fp32 all the way: exact up to order
+        _close(native.q_weighted_rows(w, idx, coef), want, ROW_SUM_TOL[fmt])
     coef = torch.randn(n, generator=g)
-    _close(native.q_weighted_rows(w, None, coef), coef @ w.rows(), 1e-5)
+    _close(native.q_weighted_rows(w, None, coef), coef @ w.rows(), ROW_SUM_TOL[fmt])
+
+
+# q8_0 row sums are fp32 all the way (exact up to order); 4-bit ones, on AVX2, round each
+# row's coefficient to int8 on a scale shared by 16 rows (quant_axpy.h), as the dots round x.
+ROW_SUM_TOL = {"q8_0": 1e-5, "q4_0": 2e-2, "q4_1": 2e-2}
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+def test_one_row_sum_is_exact(fmt):
+    """A group of one row: its coefficient is the group's scale, so nothing is rounded."""
+    w = _q(5, 2560, fmt, 14)   # 80 blocks: more than one 64-block chunk
+    for i, a in ((0, 1.0), (3, -2.5)):
+        got = native.q_weighted_rows(w, torch.tensor([i]), torch.tensor([a]))
+        _close(got, a * w.rows(torch.tensor([i]))[0], 1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1"])
+@pytest.mark.parametrize("count", [2, 15, 16, 17, 33])
+def test_row_sum_groups_round_like_the_dots(fmt, count):
+    """Odd groups (a row paired with itself), full groups and groups split over threads:
+    the error is the coefficients' int8 rounding, ~0.5% rms like the GEMV's, never a wrong row."""
+    g = torch.Generator().manual_seed(count)
+    w = _q(40, 2560, fmt, 15)
+    idx = torch.randperm(40, generator=g)[:count]
+    coef = torch.randn(count, generator=g)
+    want = coef @ w.rows(idx)
+    err = native.q_weighted_rows(w, idx, coef) - want
+    assert err.pow(2).mean().sqrt() <= 0.01 * want.pow(2).mean().sqrt()
+    _close(native.q_weighted_rows(w, idx, coef), want, 2e-2)
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
@@ -66,7 +95,7 @@ def test_topk_linear(fmt):
     x = torch.randn(d_in, generator=torch.Generator().manual_seed(4))
     for k in (1, 17, d_in - 1):
         idx = x.abs().topk(k).indices
-        _close(native.q_topk_linear(w_t, x, k), x[idx] @ w_t.rows(idx), 1e-5)
+        _close(native.q_topk_linear(w_t, x, k), x[idx] @ w_t.rows(idx), ROW_SUM_TOL[fmt])
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])

@@ -131,23 +131,20 @@ DEFINE_QGEMM(q41)
     static void qrows_into_##F(const uint8_t *w, const int64_t *idx, const float *coef, int n,    \
                                int d_out, int n_threads, float *acc) {                           \
         int64_t lead = rows_ahead(ROWB_##F(d_out));                                               \
+        if (lead < GROUP_ROWS) lead = GROUP_ROWS;   /* the next group while this one streams */    \
         _Pragma("omp parallel num_threads(n_threads)")                                            \
         {                                                                                         \
             THREAD_RANGE(n, lo, hi);                                                              \
             float *part = (float *)calloc((size_t)d_out, sizeof(float));                          \
-            int64_t j = lo;                                                                       \
-            for (; j + 4 <= hi; j += 4) {                                                         \
-                const uint8_t *rows[4], *pf[4];                                                   \
-                for (int r = 0; r < 4; r++) {                                                     \
+            for (int64_t j = lo; j < hi; j += GROUP_ROWS) {                                       \
+                const uint8_t *rows[GROUP_ROWS], *pf[GROUP_ROWS];                                 \
+                int m = hi - j < GROUP_ROWS ? (int)(hi - j) : GROUP_ROWS;                         \
+                for (int r = 0; r < m; r++) {                                                     \
                     int64_t at = j + r, ahead = at + lead;                                        \
                     rows[r] = QROW(F, w, idx ? idx[at] : at, d_out);                              \
                     pf[r] = ahead < hi ? QROW(F, w, idx ? idx[ahead] : ahead, d_out) : NULL;      \
                 }                                                                                 \
-                axpy4_##F(coef + j, rows, part, d_out, pf);                                       \
-            }                                                                                     \
-            for (; j < hi; j++) {                                                                 \
-                const uint8_t *pf = j + lead < hi ? QROW(F, w, idx ? idx[j + lead] : j + lead, d_out) : NULL; \
-                axpy_##F(coef[j], QROW(F, w, idx ? idx[j] : j, d_out), part, d_out, pf);          \
+                axpyg_##F(m, coef + j, rows, part, d_out, pf);                                    \
             }                                                                                     \
             if (hi > lo) reduce_into(acc, part, d_out);                                           \
             free(part);                                                                           \
@@ -236,16 +233,16 @@ DEFINE_DOTS_UPTO4(q41)
                 dots_upto4_##F(up, ids + k, m, ids + k + lead, na - k - lead, &qx, d, u);         \
                 for (int j = 0; j < m; j++) val[k + j] *= u[j];                                   \
             }                                                                                     \
-            int k = 0;                                                                            \
-            for (; k + 4 <= na; k += 4) {    /* down rows, four at a time */                      \
-                const uint8_t *rows[4], *pf[4];                                                   \
-                for (int r = 0; r < 4; r++) {                                                     \
+            for (int k = 0; k < na; k += GROUP_ROWS) {    /* down rows, a group at a time */      \
+                const uint8_t *rows[GROUP_ROWS], *pf[GROUP_ROWS];                                 \
+                int m = na - k < GROUP_ROWS ? na - k : GROUP_ROWS;                                \
+                for (int r = 0; r < m; r++) {                                                     \
                     rows[r] = QROW(FD, down_t, ids[k + r], d);                                     \
-                    pf[r] = k + r + lead < na ? QROW(FD, down_t, ids[k + r + lead], d) : NULL;     \
+                    int ahead = k + r + (lead < GROUP_ROWS ? GROUP_ROWS : (int)lead);             \
+                    pf[r] = ahead < na ? QROW(FD, down_t, ids[ahead], d) : NULL;                  \
                 }                                                                                 \
-                axpy4_##FD(val + k, rows, part, d, pf);                                            \
+                axpyg_##FD(m, val + k, rows, part, d, pf);                                         \
             }                                                                                     \
-            for (; k < na; k++) axpy_##FD(val[k], QROW(FD, down_t, ids[k], d), part, d, NULL);      \
             n_cand += nc;                                                                         \
             n_active += na;                                                                       \
             reduce_into(out, part, d);                                                            \
