@@ -7,7 +7,7 @@ import mmap
 import torch
 
 from ..formats import BLOCK_BYTES, QuantRows, TransposedRows, int8_rows
-from ..interface import FFNWeights, LayerStep, LinearWeights, PredictorWeights, TopKWeights, activate
+from ..interface import FFNWeights, LayerStep, LinearWeights, PredictorWeights, TopKWeights, activate, topk_indices
 from ..reference import TorchExecutor
 from . import layer_step, native
 
@@ -111,7 +111,7 @@ class CpuExecutor(TorchExecutor):
                 h = activate(native.q_gemm(w.gate, x), w.act) * native.q_gemm(w.up, x)
                 if isinstance(w.down_t, TransposedRows):
                     return native.q_gemm(w.down_t.stored, h).to(x.dtype)
-                return (h @ w.down_t.rows()).to(x.dtype)   # neuron-major: de-quantised once a call
+                return native.q_rows_gemm(w.down_t, h).to(x.dtype)   # neuron-major: row sums
             return super().ffn_dense(x, w)
         if x.dim() == 2 and x.shape[0] == 1 and native.supports(w.down_t):
             # One token: gate/up as native GEMVs, the down projection as one native pass over
@@ -137,8 +137,14 @@ class CpuExecutor(TorchExecutor):
     def topk_linear(self, x, w: TopKWeights, k=None):
         k = w.k if k is None else k
         if isinstance(w.weight_t, QuantRows):
-            if x.shape[0] == 1 and k < w.weight_t.shape[0] and native.supports_quant(w.weight_t):
-                out = native.q_topk_linear(w.weight_t, x[0], k).to(x.dtype).unsqueeze(0)
+            if native.supports_quant(w.weight_t) and x.dim() == 2:
+                if x.shape[0] == 1 and k < w.weight_t.shape[0]:
+                    out = native.q_topk_linear(w.weight_t, x[0], k).to(x.dtype).unsqueeze(0)
+                else:   # prefill (K = all) or a batch: each token's kept entries, rows read once
+                    if k < w.weight_t.shape[0]:
+                        idx = topk_indices(x, k)
+                        x = torch.zeros_like(x).scatter_(1, idx, x.gather(1, idx))
+                    out = native.q_rows_gemm(w.weight_t, x).to(x.dtype)
                 return out if w.bias is None else out + w.bias
             return super().topk_linear(x, w, k)
         if x.shape[0] == 1 and k < w.weight_t.shape[0] and native.supports(w.weight_t):

@@ -44,7 +44,7 @@ _SIGNATURES = {
 }
 FMT_CODE = {"q8_0": 0, "q4_0": 1, "q4_1": 2}   # decode_layer.c's FMT_*
 # Kernels over block rows only (one per block format).
-_QUANT_ONLY_SIGNATURES = {"es_gemm": [_P, _P, _P, _I, _I, _I, _I, _P]}
+_QUANT_ONLY_SIGNATURES = {"es_gemm": [_P, _P, _P, _I, _I, _I, _I, _P], "es_rows_gemm": [_P, _P, _I, _I, _I, _I, _P]}
 # Kernels with one name for every format (the format is an argument: FMT_CODE).
 _PLAIN_SIGNATURES = {"es_ffn_dense_q": [_I, _I, _I, _I, _P, _P, _P, _I, _I, _P, _I, _P],
                      "es_decode_layers": [_P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _P]}
@@ -250,6 +250,17 @@ def q_gemm(w, x: torch.Tensor, bias=None) -> torch.Tensor:
     out = torch.empty(x.shape[0], n, dtype=torch.float32)
     _qfn("es_gemm", w)(w.data.data_ptr(), x.data_ptr(), _ptr(bias), n, d, x.shape[0], torch.get_num_threads(),
                        out.data_ptr())
+    return out
+
+
+def q_rows_gemm(w, x: torch.Tensor) -> torch.Tensor:
+    """``x [T, n] @ w`` for a QuantRows ``w [n, d_out]`` read as rows (neuron-major down
+    projections and Top-K ``Wᵀ`` in prefill and batches); fp32 ``[T, d_out]``."""
+    x = _f32(x)
+    n, d_out = w.shape
+    out = torch.empty(x.shape[0], d_out, dtype=torch.float32)
+    _qfn("es_rows_gemm", w)(w.data.data_ptr(), x.data_ptr(), n, d_out, x.shape[0], torch.get_num_threads(),
+                            out.data_ptr())
     return out
 
 

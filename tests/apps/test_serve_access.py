@@ -35,6 +35,9 @@ def test_right_key_is_served_and_health_is_public(srv):
     ok = {"authorization": f"Bearer {KEY}"}
     assert httpx.post(srv.base + "/v1/completions", json=BODY, headers=ok).status_code == 200
     assert httpx.get(srv.base + "/health").status_code == 200
+    # /metrics shows traffic: behind the key like the API (only /health is public)
+    assert httpx.get(srv.base + "/metrics").status_code == 401
+    assert httpx.get(srv.base + "/metrics", headers=ok).status_code == 200
 
 
 def test_openai_client_with_and_without_key(srv):

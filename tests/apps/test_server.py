@@ -134,3 +134,29 @@ def test_openai_client_raises_bad_request(server):
     base, name = server
     with pytest.raises(openai.BadRequestError):
         client(base).chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+
+
+def _metrics(base) -> dict:
+    r = httpx.get(base + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    out = {}
+    for line in r.text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_metrics_count_requests_and_tokens(server):
+    base, name = server
+    before = _metrics(base)
+    done = client(base).completions.create(model=name, prompt="The quick brown fox", max_tokens=5, temperature=0)
+    after = _metrics(base)
+    served = 'edgesparse_requests_total{outcome="served"}'
+    assert after[served] == before[served] + 1
+    grew = after["edgesparse_completion_tokens_total"] - before["edgesparse_completion_tokens_total"]
+    assert grew == done.usage.completion_tokens
+    assert after["edgesparse_prompt_tokens_total"] - before["edgesparse_prompt_tokens_total"] == done.usage.prompt_tokens
+    assert after["edgesparse_decode_seconds_total"] >= before["edgesparse_decode_seconds_total"]
+    assert after["edgesparse_queue_depth"] == 0 and after["edgesparse_slots"] == 1 and after["edgesparse_healthy"] == 1
+    assert any(k.startswith("edgesparse_info{") for k in after)

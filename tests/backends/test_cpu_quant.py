@@ -89,6 +89,21 @@ def test_row_sum_groups_round_like_the_dots(fmt, count):
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("n, d", SHAPES + [(45, 2560)])   # one block (a thread without columns); 80 blocks
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_rows_gemm(fmt, n, d, tokens):
+    """Prefill over rows (neuron-major down, Top-K Wᵀ): every token's row sum over all rows."""
+    w = _q(n, d, fmt, 16)
+    x = torch.randn(tokens, n, generator=torch.Generator().manual_seed(17))
+    x[0, : n // 2] = 0   # zeroed coefficients (a batch's masked Top-K) are plain rows of zeros
+    out = native.q_rows_gemm(w, x)
+    assert out.shape == (tokens, d)
+    _close(out, x @ w.rows(), ROW_SUM_TOL[fmt])
+    for t in range(tokens):
+        _close(out[t], native.q_weighted_rows(w, None, x[t]), ROW_SUM_TOL[fmt])
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
 def test_topk_linear(fmt):
     d_in, d_out = 70, 64
     w_t = _q(d_in, d_out, fmt, 3)

@@ -150,6 +150,32 @@ DEFINE_QGEMM(q41)
             free(part);                                                                           \
         }                                                                                         \
     }                                                                                             \
+    /* out[T, d_out] = X W_t for T tokens (prefill, batches) over all n rows of W_t [n, d_out]:  \
+     * the threads split the output blocks, so each reads its own columns of every row, and a   \
+     * group of rows is summed for every token while it sits in L1 (the float path instead      \
+     * de-quantised the whole matrix for every call). */                                        \
+    void es_rows_gemm_##F(const uint8_t *w, const float *x, int n, int d_out, int T, int n_threads, \
+                          float *out) {                                                         \
+        memset(out, 0, sizeof(float) * (size_t)T * (size_t)d_out);                                \
+        _Pragma("omp parallel num_threads(n_threads)")                                            \
+        {                                                                                         \
+            THREAD_RANGE(d_out / QK, b_lo, b_hi);                                                 \
+            const int64_t at = b_lo * (ROWB_##F(QK));                                             \
+            const int d_sub = (int)(b_hi - b_lo) * QK;                                            \
+            const uint8_t *nopf[GROUP_ROWS] = {0};                                                \
+            for (int j = 0; j < n && d_sub > 0; j += GROUP_ROWS) {                                \
+                const uint8_t *rows[GROUP_ROWS], *pf[GROUP_ROWS];                                 \
+                int m = n - j < GROUP_ROWS ? n - j : GROUP_ROWS;                                  \
+                for (int r = 0; r < m; r++) {   /* the first token prefetches the next group */   \
+                    rows[r] = QROW(F, w, j + r, d_out) + at;                                      \
+                    pf[r] = j + GROUP_ROWS + r < n ? QROW(F, w, j + GROUP_ROWS + r, d_out) + at : NULL; \
+                }                                                                                 \
+                for (int t = 0; t < T; t++)                                                       \
+                    axpyg_##F(m, x + (int64_t)t * n + j, rows, out + (int64_t)t * d_out + b_lo * QK, d_sub, \
+                              t ? nopf : pf);                                                     \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
     void es_weighted_rows_##F(const uint8_t *w, const int64_t *idx, const float *coef, int n, int d_out, \
                               int n_threads, float *out) {                                       \
         memset(out, 0, sizeof(float) * (size_t)d_out);                                            \

@@ -17,11 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.responses import Response
 
 from ...errors import EdgeSparseError
 from .guard import Guard
+from .metrics import render as render_metrics
 from .openai_api import Parsed, RequestError, parse_chat, parse_completion, parse_json
 from .options import ServeOptions
 from .worker import EngineWorker, Job
@@ -135,6 +136,10 @@ def create_app(llm, opts: ServeOptions | None = None):
     async def models():
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
                                             "owned_by": "edgesparse", "max_model_len": ctx}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(render_metrics(worker, llm.model), media_type="text/plain; version=0.0.4")
 
     @app.get("/health")
     async def health():

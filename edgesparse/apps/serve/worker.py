@@ -75,6 +75,9 @@ class EngineWorker:
         self.running: Job | None = None
         self.stopping = False
         self.counts = {"served": 0, "cancelled": 0, "failed": 0, "rejected": 0}
+        # totals for /metrics (metrics.py): tokens, and the engine thread's seconds in prefill
+        # (submit to first token) and decode (first token to last), over every job it ran
+        self.totals = {"prompt_tokens": 0, "completion_tokens": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0}
         self.last_progress = time.monotonic()
         self.thread = threading.Thread(target=self._loop, daemon=True, name="edgesparse-engine")
         self.thread.start()
@@ -135,6 +138,10 @@ class EngineWorker:
         return {"status": status, "queued": queued, "running": int(self.running is not None),
                 "seconds_since_progress": round(quiet_s, 3) if busy else 0.0, **counts}
 
+    def totals_snapshot(self) -> dict:
+        with self._cv:
+            return dict(self.totals)
+
     # -- the engine thread ------------------------------------------------------------------------
     def _end(self, job: Job, kind: str, data=None) -> None:
         if job.claim_end(kind):      # counted before the reader can see the end
@@ -160,21 +167,39 @@ class EngineWorker:
                     self.running = None
                     self.last_progress = time.monotonic()
 
+    def _account(self, prompt_tokens: int, seen: dict, t_start: float) -> None:
+        now, first = time.monotonic(), seen["first"]
+        with self._cv:
+            t = self.totals
+            t["prompt_tokens"] += prompt_tokens
+            t["completion_tokens"] += seen["tokens"]
+            t["prefill_seconds"] += (first or now) - t_start
+            t["decode_seconds"] += now - (first or now)
+
     def _run(self, job: Job) -> None:
         if job.cancelled.is_set():
             self._end(job, job.cancel_kind)
             return
 
+        t_start = time.monotonic()
+        seen = {"tokens": 0, "first": None}
+
         def step():
             self.last_progress = time.monotonic()
+            seen["tokens"] += 1
+            if seen["first"] is None:
+                seen["first"] = self.last_progress
             if job.cancelled.is_set():
                 raise _Stop
 
         fin: dict = {}
         job.emit("start", len(job.prompt_ids))
         try:
-            for piece in self.engine.stream(job.prompt_ids, job.params, on_finish=fin.update, on_step=step):
-                job.emit("text", piece)     # cancellation is checked per token, in step()
+            try:
+                for piece in self.engine.stream(job.prompt_ids, job.params, on_finish=fin.update, on_step=step):
+                    job.emit("text", piece)     # cancellation is checked per token, in step()
+            finally:
+                self._account(len(job.prompt_ids), seen, t_start)
         except _Stop:
             self._end(job, job.cancel_kind)
             return
