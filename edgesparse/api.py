@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .engine import Completion, Engine
 from .loader import load_model
-from .sampling import SamplingParams
+from .sampling import SamplingParams, checkpoint_defaults
 
 
 class LLM:
@@ -15,6 +15,15 @@ class LLM:
         self.model, self.tokenizer, self.config, self.path = model, tokenizer, config, path
         self.engine = Engine(model, tokenizer)
         self.artifacts = artifacts
+
+    @property
+    def sampling_defaults(self) -> dict:
+        """The checkpoint's own sampling defaults (its generation_config.json; {} for a GGUF file
+        or a checkpoint without one): what `generate`, `chat` and the server use for every
+        field the caller leaves out."""
+        if not hasattr(self, "_sampling_defaults"):
+            self._sampling_defaults = checkpoint_defaults(self.path if self.path.is_dir() else None)
+        return self._sampling_defaults
 
     @property
     def backend(self) -> str:

@@ -44,6 +44,40 @@ class SamplingParams:
         return self
 
 
+# What `chat` (and the server's chat route) use when the checkpoint has no generation config:
+# llama.cpp's min_p 0.05 prunes the long tail that a 0.7 temperature lets small models wander
+# into, and a mild repetition penalty breaks the phrase loops SmolLM2-135M fell into without it.
+CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "min_p": 0.05, "repetition_penalty": 1.1}
+_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def checkpoint_defaults(model_dir) -> dict:
+    """The sampling fields a checkpoint's ``generation_config.json`` sets, as transformers reads
+    them: ``do_sample: false`` means greedy whatever the temperature.  {} without the file."""
+    import json
+    from pathlib import Path
+
+    from .errors import ModelFilesError
+    f = Path(model_dir) / "generation_config.json" if model_dir is not None else None
+    if f is None or not f.is_file():
+        return {}
+    try:
+        cfg = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelFilesError(f"{f}: not a readable generation config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ModelFilesError(f"{f}: not a JSON object")
+    out = {k: cfg[k] for k in _CONFIG_FIELDS if isinstance(cfg.get(k), (int, float)) and not isinstance(cfg[k], bool)}
+    if cfg.get("do_sample") is False:
+        out = {k: v for k, v in out.items() if k == "repetition_penalty"}
+        out["temperature"] = 0.0
+    try:
+        SamplingParams(**out).validate()
+    except InvalidOptionError as e:
+        raise ModelFilesError(f"{f}: {e}") from None
+    return out
+
+
 def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None,
            seen: list[list[int]] | None = None) -> torch.Tensor:
     """Next token for each row of ``logits [B, V]`` -> ``[B]``; ``seen[b]``: row b's prompt and

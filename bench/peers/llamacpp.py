@@ -146,6 +146,7 @@ def main():
         for k in ("dense_tok_s", "ffn_sparse_tok_s", "full_sparse_tok_s"):
             row[k.replace("_tok_s", "_vs_llama_cpp")] = round(ours[k] / peer["tok_s"], 3)
         row["full_sparse_vs_own_dense"] = ours["speedup_vs_dense"]
+        row["per_token"], row["edgesparse_samples"] = ours.get("per_token"), ours.get("raw")
         res["formats"][fmt] = row
         res["bandwidth_gbs"] = ours["bandwidth_gbs"]
     a.out.parent.mkdir(parents=True, exist_ok=True)

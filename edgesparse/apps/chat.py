@@ -11,7 +11,7 @@ HELP = "commands: /reset  /stats  /quit   (Ctrl-C stops an answer)"
 
 
 def chat_loop(llm, max_new_tokens=256, temperature=0.7, top_p=0.9, seed=None, system=None,
-              read=input, write=sys.stdout.write, min_p=0.0, repetition_penalty=1.0):
+              read=input, write=sys.stdout.write, min_p=0.0, repetition_penalty=1.0, top_k=0):
     def fresh():
         return [{"role": "system", "content": system}] if system else []
     messages = fresh()
@@ -45,7 +45,7 @@ def chat_loop(llm, max_new_tokens=256, temperature=0.7, top_p=0.9, seed=None, sy
         t0 = time.perf_counter()
         try:
             for piece in llm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                    min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                                    top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                                     stop_token_ids=llm.chat_stop_ids(), on_finish=fin.update):
                 pieces.append(piece)
                 write(piece)

@@ -59,11 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_opts(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=_positive_int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    _add_sampling_opts(p, "greedy")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ffn-mode", choices=["dense", "exact", "predictor"], default=None)
     p.add_argument("--stream", action="store_true")
@@ -73,6 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_more_commands(sub)
     return ap
+
+
+SAMPLING_OPTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def _add_sampling_opts(p, fallback: str):
+    for name, kind in (("temperature", float), ("top-p", float), ("top-k", int), ("min-p", float),
+                       ("repetition-penalty", float)):
+        p.add_argument(f"--{name}", type=kind, default=None)
+    p.epilog = ("Sampling options left out come from the checkpoint's generation_config.json, "
+                f"else: {fallback}.")
+
+
+def _explicit_sampling(args) -> dict:
+    """The sampling flags given on the command line, checked before the (slow) load."""
+    from ..sampling import SamplingParams
+    kw = {k: getattr(args, k) for k in SAMPLING_OPTS if getattr(args, k) is not None}
+    SamplingParams(**kw).validate()
+    return kw
 
 
 def cmd_demo(args):
@@ -103,10 +118,11 @@ def cmd_demo(args):
 def cmd_generate(args):
     from ..api import load
     from ..sampling import SamplingParams
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-              top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    SamplingParams(**kw).validate()  # fail on bad options before the (slow) load
+    explicit = _explicit_sampling(args)
+    SamplingParams(max_new_tokens=args.max_new_tokens, seed=args.seed).validate()
     llm = load(args.model, backend=args.backend, dtype=args.dtype, artifacts=args.artifacts, weights=args.weights)
+    # flags > the checkpoint's generation config > greedy (SamplingParams' own defaults)
+    kw = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, **{**llm.sampling_defaults, **explicit})
     if args.ffn_mode:
         llm.set_ffn_mode(args.ffn_mode)
     if args.stream:
@@ -212,10 +228,7 @@ def _add_more_commands(sub):
     p = sub.add_parser("chat", help="multi-turn chat in the terminal, streamed")
     _add_model_opts(p)
     p.add_argument("--max-new-tokens", type=_positive_int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    _add_sampling_opts(p, "temperature 0.7, top-p 0.9, min-p 0.05, repetition penalty 1.1")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--system", default=None, help="system prompt")
 
@@ -271,13 +284,13 @@ def cmd_eval(args):
 def cmd_chat(args):
     from ..api import load
     from .chat import chat_loop
-    from ..sampling import SamplingParams
-    SamplingParams(temperature=args.temperature, top_p=args.top_p, min_p=args.min_p,
-                   repetition_penalty=args.repetition_penalty).validate()
+    from ..sampling import CHAT_DEFAULTS
+    explicit = _explicit_sampling(args)
     llm = load(args.model, backend=args.backend, dtype=args.dtype, artifacts=args.artifacts, weights=args.weights)
     llm.chat_prompt([{"role": "user", "content": "hi"}])  # fail early without a chat template
-    chat_loop(llm, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-              seed=args.seed, system=args.system, min_p=args.min_p, repetition_penalty=args.repetition_penalty)
+    # flags > the checkpoint's generation config > chat defaults
+    kw = {**CHAT_DEFAULTS, **llm.sampling_defaults, **explicit}
+    chat_loop(llm, max_new_tokens=args.max_new_tokens, seed=args.seed, system=args.system, **kw)
 
 
 def cmd_serve(args):

@@ -64,6 +64,7 @@ def create_app(llm, opts: ServeOptions | None = None):
     prep = PromptPrep(llm)
     model_id, created, ctx = llm.name, int(time.time()), llm.model.spec.max_positions
     chat_stop_ids = llm.chat_stop_ids()   # once: it walks the vocabulary
+    defaults = llm.sampling_defaults      # the checkpoint's generation config, for omitted fields
 
     @asynccontextmanager
     async def lifespan(app):
@@ -126,11 +127,11 @@ def create_app(llm, opts: ServeOptions | None = None):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await answer(request, parse_chat(parse_json(await request.body()), model_id))
+        return await answer(request, parse_chat(parse_json(await request.body()), model_id, defaults))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await answer(request, parse_completion(parse_json(await request.body()), model_id))
+        return await answer(request, parse_completion(parse_json(await request.body()), model_id, defaults))
 
     @app.get("/v1/models")
     async def models():

@@ -133,19 +133,21 @@ def _number(body, name, default, ok, where: str):
     return v
 
 
-def _sampling(body: dict, max_tokens_field: str) -> tuple[SamplingParams, int | None, bool, bool]:
+def _sampling(body: dict, max_tokens_field: str, defaults: dict) -> tuple[SamplingParams, int | None, bool, bool]:
+    """``defaults``: the checkpoint's generation config, for the fields the request leaves out
+    (as vLLM does); OpenAI's neutral values where it has none."""
     max_tokens = _get(body, max_tokens_field, (int,), "a positive integer")
     if max_tokens_field != "max_tokens" and max_tokens is None:
         max_tokens = _get(body, "max_tokens", (int,), "a positive integer")
     if max_tokens is not None and max_tokens < 1:
         raise RequestError(f"'max_tokens' must be a positive integer, got {_short(max_tokens)}", "max_tokens")
-    temperature = _number(body, "temperature", 1.0, lambda v: 0 <= v <= 100, "[0, 100]")
-    top_p = _number(body, "top_p", 1.0, lambda v: 0 < v <= 1, "(0, 1]")
-    top_k = _get(body, "top_k", (int,), "an integer", 0)
+    temperature = _number(body, "temperature", defaults.get("temperature", 1.0), lambda v: 0 <= v <= 100, "[0, 100]")
+    top_p = _number(body, "top_p", defaults.get("top_p", 1.0), lambda v: 0 < v <= 1, "(0, 1]")
+    top_k = _get(body, "top_k", (int,), "an integer", int(defaults.get("top_k", 0)))
     if top_k < -1:
         raise RequestError(f"'top_k' must be >= 0 (or -1 for off), got {top_k}", "top_k")
-    min_p = _number(body, "min_p", 0.0, lambda v: 0 <= v <= 1, "[0, 1]")
-    rep = _number(body, "repetition_penalty", 1.0, lambda v: 0 < v <= 10, "(0, 10]")
+    min_p = _number(body, "min_p", defaults.get("min_p", 0.0), lambda v: 0 <= v <= 1, "[0, 1]")
+    rep = _number(body, "repetition_penalty", defaults.get("repetition_penalty", 1.0), lambda v: 0 < v <= 10, "(0, 10]")
     seed = _get(body, "seed", (int,), "an integer")
     if seed is not None and seed not in SEED_RANGE:
         raise RequestError(f"'seed' must be in [-2**63, 2**64), got {_short(seed)}", "seed")
@@ -213,14 +215,14 @@ def _content(content, at: str) -> str:
     raise RequestError(f"'{at}.content' must be a string or a list of text parts", f"{at}.content")
 
 
-def parse_chat(body: dict, model_id: str) -> Parsed:
+def parse_chat(body: dict, model_id: str, defaults: dict | None = None) -> Parsed:
     _check_fields(body, CHAT_FIELDS, model_id)
     messages = _messages(body)
-    params, max_tokens, stream, usage = _sampling(body, "max_completion_tokens")
+    params, max_tokens, stream, usage = _sampling(body, "max_completion_tokens", defaults or {})
     return Parsed(True, messages, None, params, max_tokens, stream, usage)
 
 
-def parse_completion(body: dict, model_id: str) -> Parsed:
+def parse_completion(body: dict, model_id: str, defaults: dict | None = None) -> Parsed:
     _check_fields(body, TEXT_FIELDS, model_id)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -230,5 +232,5 @@ def parse_completion(body: dict, model_id: str) -> Parsed:
                            "prompt")
     if not isinstance(prompt, str) or not prompt:
         raise RequestError("'prompt' must be a non-empty string", "prompt")
-    params, max_tokens, stream, usage = _sampling(body, "max_tokens")
+    params, max_tokens, stream, usage = _sampling(body, "max_tokens", defaults or {})
     return Parsed(False, None, prompt, params, max_tokens, stream, usage)
