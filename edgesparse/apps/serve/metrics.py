@@ -6,16 +6,13 @@ the scraper's ``rate()`` of them.  Gauges: the queue, the running slot(s) and th
 sparsity the model measured over the tokens it has decoded."""
 from __future__ import annotations
 
-# (name, type, help); the values come from EngineWorker.health / totals_snapshot
-_REQUESTS = "edgesparse_requests_total"
-
-
 def _line(name: str, value, labels: dict | None = None) -> str:
     lab = "" if not labels else "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
     return f"{name}{lab} {float(value):.6g}" if isinstance(value, float) else f"{name}{lab} {value}"
 
 
 def render(worker, model, slots: int = 1) -> str:
+    """The page, from ``EngineWorker.health`` / ``totals_snapshot`` and the model's stats."""
     h, t = worker.health(), worker.totals_snapshot()
     out: list[str] = []
 
@@ -24,7 +21,7 @@ def render(worker, model, slots: int = 1) -> str:
         out.append(f"# TYPE {name} {kind}")
         out.extend(_line(name, v, lab) for lab, v in samples)
 
-    metric(_REQUESTS, "counter", "Requests by outcome.",
+    metric("edgesparse_requests_total", "counter", "Requests by outcome.",
            [({"outcome": k}, h[k]) for k in ("served", "cancelled", "failed", "rejected")])
     metric("edgesparse_prompt_tokens_total", "counter", "Prompt tokens of the requests run.",
            [(None, t["prompt_tokens"])])
