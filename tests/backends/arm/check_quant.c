@@ -1,12 +1,14 @@
-/* Self-check of the block-quantised kernels for a build that Python cannot load: the aarch64
+/* Self-check of the native kernels for a build that Python cannot load: the aarch64
  * cross builds run under qemu-user (tests/backends/test_cpu_arm.py), and the same driver
  * runs natively on x86, so both architectures meet the same checks.
  *
  * Blocks are random bytes with random positive fp16 scales (and q4_1 minima), so every bit
  * pattern of the quants is exercised; the reference de-quantises those bytes here, in double.
- * Checked: the GEMV (integer dots: the activation's int8 rounding, bound 2e-2 of the result's
- * scale, as tests/backends/test_cpu_quant.py), the four-row dots on odd row counts, and row
- * sums over all, some and no rows.  Prints one line per failure and "ok" at the end. */
+ * Checked, per format, on odd shapes and 1 and 2 threads: the GEMV (integer dots: the
+ * activation's int8 rounding, bound 2e-2 of the result's scale, as tests/backends/test_cpu_quant.py)
+ * with its four-row dots on odd row counts, row sums over all, some and no rows, the prefill
+ * GEMM (bit for bit the GEMV per token), the rows GEMM, Top-K, gate/up and the exact-mode ReGLU
+ * FFN; and the fp32 RMSNorm.  Prints one line per failure and "ok" at the end. */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -15,10 +17,18 @@
 
 #define DECL(F)                                                                                   \
     void es_gemv_##F(const uint8_t *, const float *, const float *, int, int, int, float *);     \
-    void es_weighted_rows_##F(const uint8_t *, const int64_t *, const float *, int, int, int, float *);
+    void es_weighted_rows_##F(const uint8_t *, const int64_t *, const float *, int, int, int, float *); \
+    void es_gemm_##F(const uint8_t *, const float *, const float *, int, int, int, int, float *); \
+    void es_rows_gemm_##F(const uint8_t *, const float *, int, int, int, int, float *);          \
+    void es_topk_linear_##F(const uint8_t *, const float *, int, int, int, int, float *);        \
+    void es_gate_up_##F(const uint8_t *, const uint8_t *, const float *, int, int, int, int, float *); \
+    void es_reglu_ffn_##F##_##F(const float *, const float *, const float *, const int8_t *, const float *, \
+                                const int8_t *, const float *, const float *, const uint8_t *, const uint8_t *, \
+                                const uint8_t *, int, int, int, int, float *, int64_t *);
 DECL(q8)
 DECL(q4)
 DECL(q41)
+void es_rms_norm_f32(const float *, const float *, float, int, float *);
 
 static uint32_t rng = 12345u;
 static uint32_t next(void) { rng = rng * 1664525u + 1013904223u; return rng >> 8; }
@@ -76,6 +86,10 @@ static void rows(int fmt, const uint8_t *w, const int64_t *idx, const float *c, 
     else es_weighted_rows_q41(w, idx, c, n, d, nt, out);
 }
 
+/* the kernel of one name for a format (the driver's own dispatch, as native.py's) */
+#define PICK(fmt, name) ((fmt) == Q8 ? name##_q8 : (fmt) == Q4 ? name##_q4 : name##_q41)
+#define PICK_FFN(fmt) ((fmt) == Q8 ? es_reglu_ffn_q8_q8 : (fmt) == Q4 ? es_reglu_ffn_q4_q4 : es_reglu_ffn_q41_q41)
+
 static int fails = 0;
 static void check(const char *what, int fmt, int n, int d, const float *got, const double *want, int len, double tol) {
     double scale = 1.0, err = 0.0;
@@ -87,7 +101,93 @@ static void check(const char *what, int fmt, int n, int d, const float *got, con
     }
 }
 
+static double dotd(const double *w, const float *x, int d) {
+    double s = 0;
+    for (int j = 0; j < d; j++) s += w[j] * x[j];
+    return s;
+}
+
+/* prefill GEMM (equal to the GEMV per token, bit for bit), rows GEMM, Top-K, gate/up and the
+ * exact-mode ReGLU FFN, on one shape per format */
+static void check_more(int fmt, int n, int d, int nt) {
+    const int T = 3;
+    uint8_t *w = random_rows(fmt, n, d), *g = random_rows(fmt, n, d), *u = random_rows(fmt, n, d);
+    uint8_t *dn = random_rows(fmt, n, d);   /* neuron-major down: [n neurons, d] */
+    double *W = malloc(sizeof(double) * (size_t)n * d), *G = malloc(sizeof(double) * (size_t)n * d);
+    double *U = malloc(sizeof(double) * (size_t)n * d), *D = malloc(sizeof(double) * (size_t)n * d);
+    for (int r = 0; r < n; r++) {
+        dequant(fmt, w, r, d, W + (size_t)r * d); dequant(fmt, g, r, d, G + (size_t)r * d);
+        dequant(fmt, u, r, d, U + (size_t)r * d); dequant(fmt, dn, r, d, D + (size_t)r * d);
+    }
+    int big = n > d ? n : d;
+    float *x = malloc(sizeof(float) * (size_t)T * big), *got = malloc(sizeof(float) * (size_t)T * big);
+    float *one = malloc(sizeof(float) * big);
+    double *want = malloc(sizeof(double) * (size_t)T * big);
+    for (int i = 0; i < T * big; i++) x[i] = uniform();
+    /* GEMM over T tokens x [T, d] */
+    PICK(fmt, es_gemm)(w, x, NULL, n, d, T, nt, got);
+    for (int t = 0; t < T; t++) {
+        PICK(fmt, es_gemv)(w, x + t * d, NULL, n, d, nt, one);
+        if (memcmp(one, got + t * n, sizeof(float) * n)) { printf("FAIL gemm != gemv fmt=%d t=%d\n", fmt, t); fails++; }
+        for (int r = 0; r < n; r++) want[t * n + r] = dotd(W + (size_t)r * d, x + t * d, d);
+    }
+    check("gemm", fmt, n, d, got, want, T * n, 2e-2);
+    /* rows GEMM: x [T, n] @ w [n, d] */
+    PICK(fmt, es_rows_gemm)(w, x, n, d, T, nt, got);
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < d; j++) {
+            want[t * d + j] = 0;
+            for (int r = 0; r < n; r++) want[t * d + j] += x[t * n + r] * W[(size_t)r * d + j];
+        }
+    check("rows gemm", fmt, n, d, got, want, T * d, 2e-2);
+    /* Top-K of x [n] over w_t [n, d]: the k largest |x| (random floats: no ties) */
+    int k = n / 2 > 0 ? n / 2 : 1;
+    PICK(fmt, es_topk_linear)(w, x, n, d, k, nt, got);
+    for (int j = 0; j < d; j++) want[j] = 0;
+    for (int r = 0; r < n; r++) {
+        int above = 0;
+        for (int q = 0; q < n; q++) above += fabsf(x[q]) > fabsf(x[r]);
+        if (above < k)
+            for (int j = 0; j < d; j++) want[j] += x[r] * W[(size_t)r * d + j];
+    }
+    check("topk linear", fmt, n, d, got, want, d, 2e-2);
+    /* gate/up with ReLU, then the exact ReGLU FFN (relu(gate) * up over the neurons, down rows) */
+    PICK(fmt, es_gate_up)(g, u, x, n, d, 1, nt, got);
+    double *h = malloc(sizeof(double) * n);
+    for (int r = 0; r < n; r++) {
+        double gv = dotd(G + (size_t)r * d, x, d);
+        h[r] = (gv > 0 ? gv : 0) * dotd(U + (size_t)r * d, x, d);
+    }
+    check("gate/up", fmt, n, d, got, h, n, 3e-2);
+    int64_t counts[2];
+    PICK_FFN(fmt)(x, NULL, NULL, NULL, NULL, NULL, NULL, NULL, g, u, dn, d, 0, n, nt, got, counts);
+    for (int j = 0; j < d; j++) {
+        want[j] = 0;
+        for (int r = 0; r < n; r++) want[j] += h[r] * D[(size_t)r * d + j];
+    }
+    check("reglu ffn (exact)", fmt, n, d, got, want, d, 3e-2);
+    if (counts[0] != n) { printf("FAIL reglu ffn candidates %lld != %d\n", (long long)counts[0], n); fails++; }
+    free(w); free(g); free(u); free(dn); free(W); free(G); free(U); free(D); free(x); free(got); free(one);
+    free(want); free(h);
+}
+
+static void check_rms_norm(void) {
+    const int n = 100;
+    float x[100], wt[100], got[100];
+    double want[100], ss = 0;
+    for (int i = 0; i < n; i++) { x[i] = uniform() * 3; wt[i] = uniform(); ss += (double)x[i] * x[i]; }
+    es_rms_norm_f32(x, wt, 1e-5f, n, got);
+    for (int i = 0; i < n; i++) want[i] = wt[i] * (x[i] / sqrt(ss / n + 1e-5));
+    check("rms norm", 0, n, 1, got, want, n, 1e-5);
+}
+
 int main(void) {
+    check_rms_norm();
+    for (int fmt = Q8; fmt <= Q41; fmt++)
+        for (int nt = 1; nt <= 2; nt++) {
+            check_more(fmt, 37, 96, nt);
+            check_more(fmt, 64, 2560, nt);
+        }
     const int shapes[][2] = {{1, 32}, {7, 96}, {37, 256}, {130, 2560}};
     for (int fmt = Q8; fmt <= Q41; fmt++)
         for (int si = 0; si < 4; si++) {
