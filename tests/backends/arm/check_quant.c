@@ -7,8 +7,10 @@
  * Checked, per format, on odd shapes and 1 and 2 threads: the GEMV (integer dots: the
  * activation's int8 rounding, bound 2e-2 of the result's scale, as tests/backends/test_cpu_quant.py)
  * with its four-row dots on odd row counts, row sums over all, some and no rows, the prefill
- * GEMM (bit for bit the GEMV per token), the rows GEMM, Top-K, gate/up and the exact-mode ReGLU
- * FFN; and the fp32 RMSNorm.  Prints one line per failure and "ok" at the end. */
+ * GEMM (bit for bit the GEMV per token), the rows GEMM, Top-K, gate/up and the ReGLU FFN (exact,
+ * and with fp32 and int8 predictors); the bf16 and fp32 weights' GEMV, row sums, Top-K and
+ * exact ReGLU FFN; the fp32 RMSNorm and single-token attention (RoPE, the cache write, GQA).
+ * Not here: the whole-layer step, which chains these.  Prints one line per failure and "ok". */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -29,6 +31,17 @@ DECL(q8)
 DECL(q4)
 DECL(q41)
 void es_rms_norm_f32(const float *, const float *, float, int, float *);
+#define DECL_FLOAT(S, WT)                                                                         \
+    void es_gemv_##S(const WT *, const WT *, const WT *, int, int, int, WT *);                   \
+    void es_weighted_rows_##S(const WT *, const int64_t *, const WT *, int, int, int, WT *);     \
+    void es_topk_linear_##S(const WT *, const WT *, int, int, int, int, WT *);                   \
+    void es_reglu_ffn_##S(const WT *, const WT *, const WT *, const int8_t *, const float *, const int8_t *, \
+                          const float *, const WT *, const WT *, const WT *, const WT *, int, int, int, int, \
+                          WT *, int64_t *);
+DECL_FLOAT(bf16, uint16_t)
+DECL_FLOAT(f32, float)
+void es_decode_attention_f32(const float *, const float *, const float *, float *, float *, int, int, int, int,
+                             int, int, int, float *);
 
 static uint32_t rng = 12345u;
 static uint32_t next(void) { rng = rng * 1664525u + 1013904223u; return rng >> 8; }
@@ -167,6 +180,26 @@ static void check_more(int fmt, int n, int d, int nt) {
     }
     check("reglu ffn (exact)", fmt, n, d, got, want, d, 3e-2);
     if (counts[0] != n) { printf("FAIL reglu ffn candidates %lld != %d\n", (long long)counts[0], n); fails++; }
+    /* predictor mode, fp32 and int8 factors (r = 32): a bias of +-1e4 admits exactly the even
+     * neurons whatever the scores, so the candidates and the result are known */
+    const int r = 32;
+    float *a_t = malloc(sizeof(float) * r * d), *b_t = malloc(sizeof(float) * n * r), *bias = malloc(sizeof(float) * n);
+    int8_t *qa = malloc((size_t)r * d), *qb = malloc((size_t)n * r);
+    float *sa = malloc(sizeof(float) * r), *sb = malloc(sizeof(float) * n);
+    for (int i = 0; i < r * d; i++) { a_t[i] = uniform(); qa[i] = (int8_t)(next() % 255 - 127); }
+    for (int i = 0; i < n * r; i++) { b_t[i] = uniform(); qb[i] = (int8_t)(next() % 255 - 127); }
+    for (int i = 0; i < r; i++) sa[i] = 0.01f;
+    for (int i = 0; i < n; i++) { sb[i] = 0.01f; bias[i] = i % 2 == 0 ? 1e4f : -1e4f; }
+    for (int j = 0; j < d; j++) {
+        want[j] = 0;
+        for (int q = 0; q < n; q += 2) want[j] += h[q] * D[(size_t)q * d + j];
+    }
+    for (int packed = 0; packed < 2; packed++) {
+        PICK_FFN(fmt)(x, a_t, b_t, packed ? qa : NULL, sa, packed ? qb : NULL, sb, bias, g, u, dn, d, r, n, nt, got, counts);
+        check(packed ? "reglu ffn (int8 predictor)" : "reglu ffn (fp32 predictor)", fmt, n, d, got, want, d, 3e-2);
+        if (counts[0] != (n + 1) / 2) { printf("FAIL predictor candidates %lld\n", (long long)counts[0]); fails++; }
+    }
+    free(a_t); free(b_t); free(bias); free(qa); free(qb); free(sa); free(sb);
     free(w); free(g); free(u); free(dn); free(W); free(G); free(U); free(D); free(x); free(got); free(one);
     free(want); free(h);
 }
@@ -181,8 +214,118 @@ static void check_rms_norm(void) {
     check("rms norm", 0, n, 1, got, want, n, 1e-5);
 }
 
+/* one new token at `slot` attending over first..slot: RoPE (rotate-half), GQA, softmax */
+static void check_attention(int nt) {
+    enum { H = 4, KV = 2, HD = 16, L = 8 };
+    const int slot = 5, first = 1, nq = H * HD;
+    float qkv[H * HD + 2 * KV * HD], cs[HD], sn[HD], ck[KV * L * HD], cv[KV * L * HD], got[H * HD];
+    double want[H * HD], q[H * HD], k[KV * HD];
+    for (int i = 0; i < nq + 2 * KV * HD; i++) qkv[i] = uniform();
+    for (int i = 0; i < HD; i++) { double t = 0.3 * (i % (HD / 2)) + 0.1; cs[i] = (float)cos(t); sn[i] = (float)sin(t); }
+    for (int i = 0; i < KV * L * HD; i++) { ck[i] = uniform(); cv[i] = uniform(); }
+    for (int v = 0; v < H + KV; v++) {   /* rotate half: (a, b) -> (a cos - b sin, b cos + a sin) */
+        const float *src = qkv + v * HD;
+        double *dst = v < H ? q + v * HD : k + (v - H) * HD;
+        for (int i = 0; i < HD / 2; i++) {
+            double a = src[i], b = src[i + HD / 2];
+            dst[i] = a * cs[i] - b * sn[i];
+            dst[i + HD / 2] = b * cs[i + HD / 2] + a * sn[i + HD / 2];
+        }
+    }
+    es_decode_attention_f32(qkv, cs, sn, ck, cv, H, KV, HD, L, slot, first, nt, got);
+    double kerr = 0;
+    for (int g = 0; g < KV; g++)
+        for (int i = 0; i < HD; i++) {
+            kerr = fmax(kerr, fabs(ck[(g * L + slot) * HD + i] - k[g * HD + i]));
+            kerr = fmax(kerr, fabs(cv[(g * L + slot) * HD + i] - qkv[nq + KV * HD + g * HD + i]));
+        }
+    if (kerr > 1e-5) { printf("FAIL attention cache write: %g\n", kerr); fails++; }
+    for (int h = 0; h < H; h++) {
+        int g = h / (H / KV);
+        double sc[L], m = -1e30, sum = 0;
+        for (int j = first; j <= slot; j++) {
+            sc[j] = 0;
+            for (int i = 0; i < HD; i++) sc[j] += q[h * HD + i] * ck[(g * L + j) * HD + i];
+            sc[j] /= sqrt((double)HD);
+            m = fmax(m, sc[j]);
+        }
+        for (int j = first; j <= slot; j++) { sc[j] = exp(sc[j] - m); sum += sc[j]; }
+        for (int i = 0; i < HD; i++) {
+            want[h * HD + i] = 0;
+            for (int j = first; j <= slot; j++) want[h * HD + i] += sc[j] / sum * cv[(g * L + j) * HD + i];
+        }
+    }
+    check("attention", 0, H, HD, got, want, nq, 1e-5);
+}
+
+/* bf16 / fp32 weights (the float kernels of sparse_rows.c): GEMV, row sums, Top-K and the
+ * exact ReGLU FFN; values in and out in the weights' dtype */
+static uint16_t to_bf16(float f) { uint32_t u; memcpy(&u, &f, 4); u += 0x7fff + ((u >> 16) & 1); return (uint16_t)(u >> 16); }
+static float from_bf16(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+#define DEFINE_CHECK_FLOAT(S, WT, TO, FROM, TOL)                                                  \
+    static void check_float_##S(int n, int d, int nt) {                                          \
+        size_t nd = (size_t)n * d;                                                                \
+        WT *w = malloc(sizeof(WT) * nd), *g = malloc(sizeof(WT) * nd), *u = malloc(sizeof(WT) * nd); \
+        WT *x = malloc(sizeof(WT) * (n > d ? n : d)), *out = malloc(sizeof(WT) * (n > d ? n : d)); \
+        float *got = malloc(sizeof(float) * (n > d ? n : d));                                     \
+        double *want = malloc(sizeof(double) * (n > d ? n : d)), *h = malloc(sizeof(double) * n); \
+        for (size_t i = 0; i < nd; i++) { w[i] = TO(uniform()); g[i] = TO(uniform()); u[i] = TO(uniform()); } \
+        for (int i = 0; i < (n > d ? n : d); i++) x[i] = TO(uniform());                           \
+        es_gemv_##S(w, x, NULL, n, d, nt, out);                                                   \
+        for (int r = 0; r < n; r++) {                                                             \
+            want[r] = 0;                                                                          \
+            for (int j = 0; j < d; j++) want[r] += (double)FROM(w[(size_t)r * d + j]) * FROM(x[j]); \
+            got[r] = FROM(out[r]);                                                                \
+        }                                                                                         \
+        check("gemv " #S, 0, n, d, got, want, n, TOL);                                            \
+        es_weighted_rows_##S(w, NULL, x, n, d, nt, out);   /* x[0..n) as the coefficients */      \
+        for (int j = 0; j < d; j++) {                                                             \
+            want[j] = 0;                                                                          \
+            for (int r = 0; r < n; r++) want[j] += (double)FROM(x[r]) * FROM(w[(size_t)r * d + j]); \
+            got[j] = FROM(out[j]);                                                                \
+        }                                                                                         \
+        check("row sums " #S, 0, n, d, got, want, d, TOL);                                        \
+        int k = n / 2 > 0 ? n / 2 : 1;                                                            \
+        es_topk_linear_##S(w, x, n, d, k, nt, out);                                               \
+        for (int j = 0; j < d; j++) want[j] = 0;                                                  \
+        for (int r = 0; r < n; r++) {                                                             \
+            int above = 0;                                                                        \
+            for (int q = 0; q < n; q++) above += fabsf(FROM(x[q])) > fabsf(FROM(x[r]));           \
+            if (above < k)                                                                        \
+                for (int j = 0; j < d; j++) want[j] += (double)FROM(x[r]) * FROM(w[(size_t)r * d + j]); \
+        }                                                                                         \
+        for (int j = 0; j < d; j++) got[j] = FROM(out[j]);                                        \
+        check("topk linear " #S, 0, n, d, got, want, d, TOL);                                     \
+        int64_t counts[2];   /* exact ReGLU: gate and up rows [n, d] against x [d], down_t = w */ \
+        es_reglu_ffn_##S(x, NULL, NULL, NULL, NULL, NULL, NULL, NULL, g, u, w, d, 0, n, nt, out, counts); \
+        for (int r = 0; r < n; r++) {                                                             \
+            double gv = 0, uv = 0;                                                                \
+            for (int j = 0; j < d; j++) {                                                         \
+                gv += (double)FROM(g[(size_t)r * d + j]) * FROM(x[j]);                            \
+                uv += (double)FROM(u[(size_t)r * d + j]) * FROM(x[j]);                            \
+            }                                                                                     \
+            h[r] = (gv > 0 ? gv : 0) * uv;                                                        \
+        }                                                                                         \
+        for (int j = 0; j < d; j++) {                                                             \
+            want[j] = 0;                                                                          \
+            for (int r = 0; r < n; r++) want[j] += h[r] * FROM(w[(size_t)r * d + j]);             \
+            got[j] = FROM(out[j]);                                                                \
+        }                                                                                         \
+        check("reglu ffn " #S, 0, n, d, got, want, d, 3 * TOL);                                   \
+        free(w); free(g); free(u); free(x); free(out); free(got); free(want); free(h);           \
+    }
+#define SAME(v) (v)
+DEFINE_CHECK_FLOAT(bf16, uint16_t, to_bf16, from_bf16, 1e-2)
+DEFINE_CHECK_FLOAT(f32, float, SAME, SAME, 1e-4)
+
 int main(void) {
+    for (int nt = 1; nt <= 2; nt++) {
+        check_float_bf16(37, 96, nt); check_float_bf16(70, 1000, nt);
+        check_float_f32(37, 96, nt); check_float_f32(70, 1000, nt);
+    }
     check_rms_norm();
+    check_attention(1);
+    check_attention(2);
     for (int fmt = Q8; fmt <= Q41; fmt++)
         for (int nt = 1; nt <= 2; nt++) {
             check_more(fmt, 37, 96, nt);
