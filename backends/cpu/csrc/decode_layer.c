@@ -36,28 +36,7 @@ void es_decode_attention_bf16(const uint16_t *, const uint16_t *, const uint16_t
 void es_decode_attention_f32(const float *, const float *, const float *, float *, float *,
                              int, int, int, int, int, int, int, float *);
 
-enum { FMT_Q8 = 0, FMT_Q4 = 1, FMT_Q41 = 2 };
-enum { FFN_SILU = 0, FFN_RELU = 1, FFN_REGLU_SPARSE = 2 };
-
-typedef struct {
-    const uint8_t *w;    /* block rows: [rows, cols] */
-    const float *bias;   /* fp32 copy of the bias, or NULL */
-    int fmt, rows, cols;
-    int k;               /* Top-K linear (w = W^T, rows = inputs): inputs kept; 0: dense GEMV */
-} ESLinear;
-
-typedef struct {
-    int d, n_heads, n_kv, hd, max_len, bf16;   /* bf16: activations, norms and cache are bf16 */
-    float eps;
-    const void *attn_norm, *mlp_norm;
-    ESLinear qkv, o;
-    int ffn, gate_fmt, down_fmt, d_ff, rank;
-    int down_rows;   /* dense FFN: down_t holds W_down's rows [d, d_ff] (formats.TransposedRows) */
-    const uint8_t *gate, *up, *down_t;
-    /* predictor (ffn == FFN_REGLU_SPARSE; a_t and qa both NULL: exact mode) */
-    const float *a_t, *b_t, *pbias, *sa, *sb;
-    const int8_t *qa, *qb;
-} ESLayer;
+#include "decode_layer.h"
 
 /* the composed path's conversion of an op's fp32 result to the activation dtype */
 static inline float rnd(int bf16, float v) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }

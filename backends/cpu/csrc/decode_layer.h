@@ -1,0 +1,35 @@
+/* The descriptor of one decoder layer for es_decode_layer (decode_layer.c), built once at load
+ * by backends/cpu/layer_step.py (whose ctypes Structures mirror these field by field) and by
+ * the ARM check driver (tests/backends/arm/check_quant.c). */
+#ifndef ES_DECODE_LAYER_H
+#define ES_DECODE_LAYER_H
+#include <stdint.h>
+
+enum { FMT_Q8 = 0, FMT_Q4 = 1, FMT_Q41 = 2 };
+enum { FFN_SILU = 0, FFN_RELU = 1, FFN_REGLU_SPARSE = 2 };
+
+typedef struct {
+    const uint8_t *w;    /* block rows: [rows, cols] */
+    const float *bias;   /* fp32 copy of the bias, or NULL */
+    int fmt, rows, cols;
+    int k;               /* Top-K linear (w = W^T, rows = inputs): inputs kept; 0: dense GEMV */
+} ESLinear;
+
+typedef struct {
+    int d, n_heads, n_kv, hd, max_len, bf16;   /* bf16: activations, norms and cache are bf16 */
+    float eps;
+    const void *attn_norm, *mlp_norm;
+    ESLinear qkv, o;
+    int ffn, gate_fmt, down_fmt, d_ff, rank;
+    int down_rows;   /* dense FFN: down_t holds W_down's rows [d, d_ff] (formats.TransposedRows) */
+    const uint8_t *gate, *up, *down_t;
+    /* predictor (ffn == FFN_REGLU_SPARSE; a_t and qa both NULL: exact mode) */
+    const float *a_t, *b_t, *pbias, *sa, *sb;
+    const int8_t *qa, *qb;
+} ESLayer;
+
+void es_decode_layer(const ESLayer *L, void *x_io, void *cache_k, void *cache_v, const void *cos,
+                     const void *sin, int slot, int first, int nt, int64_t *counts);
+void es_ffn_dense_q(int gate_fmt, int down_fmt, int relu, int down_rows, const uint8_t *gate, const uint8_t *up,
+                    const uint8_t *down_t, int d, int f, const float *h, int nt, float *out);
+#endif
