@@ -1,5 +1,5 @@
-"""The block-quantised kernels built for aarch64 and executed under qemu-user, with and without
-the dot-product extension, against the checks of tests/backends/arm/check_quant.c; the same
+"""The native kernels built for aarch64 and executed under qemu-user, with and without the
+dot-product extension, against the checks of the C driver in tests/backends/arm/; the same
 driver also runs as a native build, so both architectures meet the same checks.  Needs
 `gcc-aarch64-linux-gnu libgomp1-arm64-cross qemu-user` (.ci/run installs them where apt can)."""
 import shutil
@@ -10,14 +10,14 @@ import pytest
 
 from edgesparse.backends.cpu import native
 
-DRIVER = Path(__file__).parent / "arm" / "check_quant.c"
+DRIVER = [str(Path(__file__).parent / "arm" / f) for f in ("check_quant.c", "check_ops.c")]
 SOURCES = [str(p) for p in native.SOURCES]
 CROSS, QEMU = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
 SYSROOT = "/usr/aarch64-linux-gnu"
 
 
 def _build(cc, march, out):
-    r = subprocess.run([cc, "-O2", f"-march={march}", "-fopenmp", "-std=c11", f"-I{native.CSRC}", str(DRIVER),
+    r = subprocess.run([cc, "-O2", f"-march={march}", "-fopenmp", "-std=c11", f"-I{native.CSRC}", *DRIVER,
                         *SOURCES, "-o", str(out), "-lm"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 

@@ -1,6 +1,6 @@
 /* The descriptor of one decoder layer for es_decode_layer (decode_layer.c), built once at load
  * by backends/cpu/layer_step.py (whose ctypes Structures mirror these field by field) and by
- * the ARM check driver (tests/backends/arm/check_quant.c). */
+ * the ARM check driver (tests/backends/arm/check_ops.c). */
 #ifndef ES_DECODE_LAYER_H
 #define ES_DECODE_LAYER_H
 #include <stdint.h>

@@ -1,0 +1,198 @@
+/* The float-weight kernels, RMSNorm, attention and the whole-layer step, for the ARM check
+ * driver (see check_quant.c). */
+#include "check.h"
+
+static void check_rms_norm(void) {
+    const int n = 100;
+    float x[100], wt[100], got[100];
+    double want[100];
+    double ss = 0;
+    for (int i = 0; i < n; i++) { x[i] = uniform() * 3; wt[i] = uniform(); }
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    es_rms_norm_f32(x, wt, 1e-5f, n, got);
+    for (int i = 0; i < n; i++) want[i] = wt[i] * (x[i] / sqrt(ss / n + 1e-5));
+    check("rms norm", 0, n, 1, got, want, n, 1e-5);
+}
+
+/* one new token at `slot` attending over first..slot: RoPE (rotate-half), GQA, softmax */
+static void check_attention(int nt, int bf16) {
+    const double tol = bf16 ? 2e-2 : 1e-5;   /* bf16: RoPE and the output rounded to 8 bits */
+    enum { H = 4, KV = 2, HD = 16, L = 8 };
+    const int slot = 5, first = 1, nq = H * HD;
+    float qkv[H * HD + 2 * KV * HD], cs[HD], sn[HD], ck[KV * L * HD], cv[KV * L * HD], got[H * HD];
+    double want[H * HD], q[H * HD], k[KV * HD];
+    for (int i = 0; i < nq + 2 * KV * HD; i++) qkv[i] = uniform();
+    for (int i = 0; i < HD; i++) { double t = 0.3 * (i % (HD / 2)) + 0.1; cs[i] = (float)cos(t); sn[i] = (float)sin(t); }
+    for (int i = 0; i < KV * L * HD; i++) { ck[i] = uniform(); cv[i] = uniform(); }
+    for (int v = 0; v < H + KV; v++) {   /* rotate half: (a, b) -> (a cos - b sin, b cos + a sin) */
+        const float *src = qkv + v * HD;
+        double *dst = v < H ? q + v * HD : k + (v - H) * HD;
+        for (int i = 0; i < HD / 2; i++) {
+            double a = src[i], b = src[i + HD / 2];
+            dst[i] = a * cs[i] - b * sn[i];
+            dst[i + HD / 2] = b * cs[i + HD / 2] + a * sn[i + HD / 2];
+        }
+    }
+    if (bf16) {   /* the inputs rounded to bf16 first, so the reference below sees the same values */
+        uint16_t q16[H * HD + 2 * KV * HD], c16[HD], s16[HD], k16[KV * L * HD], v16[KV * L * HD], o16[H * HD];
+        for (int i = 0; i < nq + 2 * KV * HD; i++) qkv[i] = from_bf16(q16[i] = to_bf16(qkv[i]));
+        for (int i = 0; i < HD; i++) { cs[i] = from_bf16(c16[i] = to_bf16(cs[i])); sn[i] = from_bf16(s16[i] = to_bf16(sn[i])); }
+        for (int i = 0; i < KV * L * HD; i++) { ck[i] = from_bf16(k16[i] = to_bf16(ck[i])); cv[i] = from_bf16(v16[i] = to_bf16(cv[i])); }
+        es_decode_attention_bf16(q16, c16, s16, k16, v16, H, KV, HD, L, slot, first, nt, o16);
+        for (int i = 0; i < nq; i++) got[i] = from_bf16(o16[i]);
+        for (int i = 0; i < KV * L * HD; i++) { ck[i] = from_bf16(k16[i]); cv[i] = from_bf16(v16[i]); }
+    } else {
+        es_decode_attention_f32(qkv, cs, sn, ck, cv, H, KV, HD, L, slot, first, nt, got);
+    }
+    double kerr = 0;
+    for (int g = 0; g < KV; g++)
+        for (int i = 0; i < HD; i++) {
+            kerr = fmax(kerr, fabs(ck[(g * L + slot) * HD + i] - k[g * HD + i]));
+            kerr = fmax(kerr, fabs(cv[(g * L + slot) * HD + i] - qkv[nq + KV * HD + g * HD + i]));
+        }
+    if (kerr > tol) { printf("FAIL attention cache write (bf16=%d): %g\n", bf16, kerr); fails++; }
+    for (int h = 0; h < H; h++) {
+        int g = h / (H / KV);
+        double sc[L], m = -1e30, sum = 0;
+        for (int j = first; j <= slot; j++) {
+            sc[j] = 0;
+            for (int i = 0; i < HD; i++) sc[j] += q[h * HD + i] * ck[(g * L + j) * HD + i];
+            sc[j] /= sqrt((double)HD);
+            m = fmax(m, sc[j]);
+        }
+        for (int j = first; j <= slot; j++) { sc[j] = exp(sc[j] - m); sum += sc[j]; }
+        for (int i = 0; i < HD; i++) {
+            want[h * HD + i] = 0;
+            for (int j = first; j <= slot; j++) want[h * HD + i] += sc[j] / sum * cv[(g * L + j) * HD + i];
+        }
+    }
+    check(bf16 ? "attention bf16" : "attention", 0, H, HD, got, want, nq, tol);
+}
+
+/* bf16 / fp32 weights (the float kernels of sparse_rows.c): GEMV, row sums, Top-K and the
+ * exact ReGLU FFN; values in and out in the weights' dtype */
+#define DEFINE_CHECK_FLOAT(S, WT, TO, FROM, TOL)                                                  \
+    static void check_float_##S(int n, int d, int nt) {                                          \
+        size_t nd = (size_t)n * d;                                                                \
+        WT *w = malloc(sizeof(WT) * nd), *g = malloc(sizeof(WT) * nd), *u = malloc(sizeof(WT) * nd); \
+        WT *x = malloc(sizeof(WT) * (n > d ? n : d)), *out = malloc(sizeof(WT) * (n > d ? n : d)); \
+        float *got = malloc(sizeof(float) * (n > d ? n : d));                                     \
+        double *want = malloc(sizeof(double) * (n > d ? n : d)), *h = malloc(sizeof(double) * n); \
+        for (size_t i = 0; i < nd; i++) { w[i] = TO(uniform()); g[i] = TO(uniform()); u[i] = TO(uniform()); } \
+        for (int i = 0; i < (n > d ? n : d); i++) x[i] = TO(uniform());                           \
+        es_gemv_##S(w, x, NULL, n, d, nt, out);                                                   \
+        for (int r = 0; r < n; r++) {                                                             \
+            want[r] = 0;                                                                          \
+            for (int j = 0; j < d; j++) want[r] += (double)FROM(w[(size_t)r * d + j]) * FROM(x[j]); \
+            got[r] = FROM(out[r]);                                                                \
+        }                                                                                         \
+        check("gemv " #S, 0, n, d, got, want, n, TOL);                                            \
+        es_weighted_rows_##S(w, NULL, x, n, d, nt, out);   /* x[0..n) as the coefficients */      \
+        for (int j = 0; j < d; j++) {                                                             \
+            want[j] = 0;                                                                          \
+            for (int r = 0; r < n; r++) want[j] += (double)FROM(x[r]) * FROM(w[(size_t)r * d + j]); \
+            got[j] = FROM(out[j]);                                                                \
+        }                                                                                         \
+        check("row sums " #S, 0, n, d, got, want, d, TOL);                                        \
+        int k = n / 2 > 0 ? n / 2 : 1;                                                            \
+        es_topk_linear_##S(w, x, n, d, k, nt, out);                                               \
+        for (int j = 0; j < d; j++) want[j] = 0;                                                  \
+        for (int r = 0; r < n; r++) {                                                             \
+            int above = 0;                                                                        \
+            for (int q = 0; q < n; q++) above += fabsf(FROM(x[q])) > fabsf(FROM(x[r]));           \
+            if (above < k)                                                                        \
+                for (int j = 0; j < d; j++) want[j] += (double)FROM(x[r]) * FROM(w[(size_t)r * d + j]); \
+        }                                                                                         \
+        for (int j = 0; j < d; j++) got[j] = FROM(out[j]);                                        \
+        check("topk linear " #S, 0, n, d, got, want, d, TOL);                                     \
+        int64_t counts[2];   /* exact ReGLU: gate and up rows [n, d] against x [d], down_t = w */ \
+        es_reglu_ffn_##S(x, NULL, NULL, NULL, NULL, NULL, NULL, NULL, g, u, w, d, 0, n, nt, out, counts); \
+        for (int r = 0; r < n; r++) {                                                             \
+            double gv = 0, uv = 0;                                                                \
+            for (int j = 0; j < d; j++) {                                                         \
+                gv += (double)FROM(g[(size_t)r * d + j]) * FROM(x[j]);                            \
+                uv += (double)FROM(u[(size_t)r * d + j]) * FROM(x[j]);                            \
+            }                                                                                     \
+            h[r] = (gv > 0 ? gv : 0) * uv;                                                        \
+        }                                                                                         \
+        for (int j = 0; j < d; j++) {                                                             \
+            want[j] = 0;                                                                          \
+            for (int r = 0; r < n; r++) want[j] += h[r] * FROM(w[(size_t)r * d + j]);             \
+            got[j] = FROM(out[j]);                                                                \
+        }                                                                                         \
+        check("reglu ffn " #S, 0, n, d, got, want, d, 3 * TOL);                                   \
+        free(w); free(g); free(u); free(x); free(out); free(got); free(want); free(h);           \
+    }
+#define SAME(v) (v)
+DEFINE_CHECK_FLOAT(bf16, uint16_t, to_bf16, from_bf16, 1e-2)
+DEFINE_CHECK_FLOAT(f32, float, SAME, SAME, 1e-4)
+
+/* the whole-layer step against the same kernels called one by one, in the order and with the
+ * roundings decode_layer.c documents (fp32 activations: bit for bit); q4_0 weights, dense or
+ * Top-K qkv, a SiLU FFN with a neuron-major or a row-major down projection, or the exact
+ * sparse ReGLU FFN */
+static void check_layer(int nt, int topk, int down_rows, int sparse) {
+    enum { D = 64, H = 4, KV = 2, HD = 16, F = 96, L = 8, NQKV = H * HD + 2 * KV * HD };
+    const int slot = 4, first = 0, k = 40;
+    uint8_t *wqkv = topk ? random_rows(Q4, D, NQKV) : random_rows(Q4, NQKV, D), *wo = random_rows(Q4, D, H * HD);
+    uint8_t *g = random_rows(Q4, F, D), *u = random_rows(Q4, F, D);
+    uint8_t *dn = down_rows ? random_rows(Q4, D, F) : random_rows(Q4, F, D);
+    float an[D], mn[D], x[D], xl[D], h[D], y[D], qkv[NQKV], att[H * HD], cs[HD], sn[HD];
+    float ck1[KV * L * HD], cv1[KV * L * HD], ck2[KV * L * HD], cv2[KV * L * HD];
+    for (int i = 0; i < D; i++) { an[i] = 1 + 0.2f * uniform(); mn[i] = 1 + 0.2f * uniform(); x[i] = uniform(); }
+    for (int i = 0; i < HD; i++) { cs[i] = (float)cos(0.2 * i); sn[i] = (float)sin(0.2 * i); }
+    for (int i = 0; i < KV * L * HD; i++) { ck1[i] = ck2[i] = uniform(); cv1[i] = cv2[i] = uniform(); }
+    ESLayer desc;
+    memset(&desc, 0, sizeof desc);
+    desc.d = D; desc.n_heads = H; desc.n_kv = KV; desc.hd = HD; desc.max_len = L; desc.eps = 1e-5f;
+    desc.attn_norm = an; desc.mlp_norm = mn;
+    desc.qkv = (ESLinear){wqkv, NULL, FMT_Q4, topk ? D : NQKV, topk ? NQKV : D, topk ? k : 0};
+    desc.o = (ESLinear){wo, NULL, FMT_Q4, D, H * HD, 0};
+    desc.ffn = sparse ? FFN_REGLU_SPARSE : FFN_SILU; desc.gate_fmt = desc.down_fmt = FMT_Q4; desc.d_ff = F; desc.down_rows = down_rows;
+    desc.gate = g; desc.up = u; desc.down_t = dn;
+    memcpy(xl, x, sizeof x);
+    int64_t counts[2];
+    es_decode_layer(&desc, xl, ck1, cv1, cs, sn, slot, first, nt, counts);
+    es_rms_norm_f32(x, an, 1e-5f, D, h);
+    if (topk) es_topk_linear_q4(wqkv, h, D, NQKV, k, nt, qkv);
+    else es_gemv_q4(wqkv, h, NULL, NQKV, D, nt, qkv);
+    es_decode_attention_f32(qkv, cs, sn, ck2, cv2, H, KV, HD, L, slot, first, nt, att);
+    es_gemv_q4(wo, att, NULL, D, H * HD, nt, y);
+    for (int i = 0; i < D; i++) x[i] += y[i];
+    es_rms_norm_f32(x, mn, 1e-5f, D, h);
+    int64_t c2[2];
+    if (sparse) es_reglu_ffn_q4_q4(h, NULL, NULL, NULL, NULL, NULL, NULL, NULL, g, u, dn, D, 0, F, nt, y, c2);
+    else es_ffn_dense_q(FMT_Q4, FMT_Q4, 0, down_rows, g, u, dn, D, F, h, nt, y);
+    for (int i = 0; i < D; i++) x[i] += y[i];
+    if (memcmp(x, xl, sizeof x) || memcmp(ck1, ck2, sizeof ck1) || memcmp(cv1, cv2, sizeof cv1)) {
+        printf("FAIL decode layer != its kernels (topk=%d down_rows=%d sparse=%d nt=%d)\n", topk, down_rows, sparse, nt);
+        fails++;
+    }
+    free(wqkv); free(wo); free(g); free(u); free(dn);
+}
+
+static void check_rms_norm_bf16(void) {
+    const int n = 100;
+    uint16_t x[100], wt[100], out[100];
+    float got[100];
+    double want[100];
+    double ss = 0;
+    for (int i = 0; i < n; i++) { x[i] = to_bf16(uniform() * 3); wt[i] = to_bf16(uniform()); }
+    for (int i = 0; i < n; i++) ss += (double)from_bf16(x[i]) * from_bf16(x[i]);
+    es_rms_norm_bf16(x, wt, 1e-5f, n, out);
+    for (int i = 0; i < n; i++) { want[i] = from_bf16(wt[i]) * (from_bf16(x[i]) / sqrt(ss / n + 1e-5)); got[i] = from_bf16(out[i]); }
+    check("rms norm bf16", 0, n, 1, got, want, n, 1e-2);
+}
+
+void check_ops(void) {
+    for (int nt = 1; nt <= 2; nt++)
+        for (int topk = 0; topk < 2; topk++)
+            for (int ffn = 0; ffn < 3; ffn++) check_layer(nt, topk, ffn == 1, ffn == 2);   /* neuron-major, row-major, sparse exact */
+    for (int nt = 1; nt <= 2; nt++) {
+        check_float_bf16(37, 96, nt); check_float_bf16(70, 1000, nt);
+        check_float_f32(37, 96, nt); check_float_f32(70, 1000, nt);
+    }
+    check_rms_norm();
+    for (int nt = 1; nt <= 2; nt++) { check_attention(nt, 0); check_attention(nt, 1); }
+    check_rms_norm_bf16();
+}
