@@ -24,6 +24,13 @@
 DECL(q8)
 DECL(q4)
 DECL(q41)
+/* the mixed pairs: 4-bit gate/up with a down projection re-quantised to q8_0 */
+#define DECL_MIXED(F)                                                                             \
+    void es_reglu_ffn_##F##_q8(const float *, const float *, const float *, const int8_t *, const float *, \
+                               const int8_t *, const float *, const float *, const uint8_t *, const uint8_t *, \
+                               const uint8_t *, int, int, int, int, float *, int64_t *);
+DECL_MIXED(q4)
+DECL_MIXED(q41)
 void es_rms_norm_f32(const float *, const float *, float, int, float *);
 #define DECL_FLOAT(S, WT)                                                                         \
     void es_gemv_##S(const WT *, const WT *, const WT *, int, int, int, WT *);                   \

@@ -99,7 +99,10 @@ static void check_attention(int nt, int bf16) {
         for (int j = 0; j < d; j++) want[j] = 0;                                                  \
         for (int r = 0; r < n; r++) {                                                             \
             int above = 0;                                                                        \
-            for (int q = 0; q < n; q++) above += fabsf(FROM(x[q])) > fabsf(FROM(x[r]));           \
+            for (int q = 0; q < n; q++) {   /* ties (common in bf16) go to the lower index */     \
+                float a = fabsf(FROM(x[q])), b = fabsf(FROM(x[r]));                               \
+                above += a > b || (a == b && q < r);                                              \
+            }                                                                                     \
             if (above < k)                                                                        \
                 for (int j = 0; j < d; j++) want[j] += (double)FROM(x[r]) * FROM(w[(size_t)r * d + j]); \
         }                                                                                         \
@@ -121,6 +124,20 @@ static void check_attention(int nt, int bf16) {
             got[j] = FROM(out[j]);                                                                \
         }                                                                                         \
         check("reglu ffn " #S, 0, n, d, got, want, d, 3 * TOL);                                   \
+        /* predictor mode (r = 32, bias +-1e4: exactly the even neurons) */                      \
+        WT *pa = malloc(sizeof(WT) * 32 * d), *pb = malloc(sizeof(WT) * n * 32), *pbias = malloc(sizeof(WT) * n); \
+        for (int i = 0; i < 32 * d; i++) pa[i] = TO(uniform());                                   \
+        for (int i = 0; i < n * 32; i++) pb[i] = TO(uniform());                                   \
+        for (int i = 0; i < n; i++) pbias[i] = TO(i % 2 ? -1e4f : 1e4f);                          \
+        es_reglu_ffn_##S(x, pa, pb, NULL, NULL, NULL, NULL, pbias, g, u, w, d, 32, n, nt, out, counts); \
+        for (int j = 0; j < d; j++) {                                                             \
+            want[j] = 0;                                                                          \
+            for (int r = 0; r < n; r += 2) want[j] += h[r] * FROM(w[(size_t)r * d + j]);          \
+            got[j] = FROM(out[j]);                                                                \
+        }                                                                                         \
+        check("reglu ffn predictor " #S, 0, n, d, got, want, d, 3 * TOL);                         \
+        if (counts[0] != (n + 1) / 2) { printf("FAIL predictor candidates " #S "\n"); fails++; }  \
+        free(pa); free(pb); free(pbias);                                                          \
         free(w); free(g); free(u); free(x); free(out); free(got); free(want); free(h);           \
     }
 #define SAME(v) (v)
@@ -131,7 +148,7 @@ DEFINE_CHECK_FLOAT(f32, float, SAME, SAME, 1e-4)
  * roundings decode_layer.c documents (fp32 activations: bit for bit); q4_0 weights, dense or
  * Top-K qkv, a SiLU FFN with a neuron-major or a row-major down projection, or the exact
  * sparse ReGLU FFN */
-static void check_layer(int nt, int topk, int down_rows, int sparse) {
+static void check_layer(int nt, int topk, int down_rows, int sparse, int pred) {
     enum { D = 64, H = 4, KV = 2, HD = 16, F = 96, L = 8, NQKV = H * HD + 2 * KV * HD };
     const int slot = 4, first = 0, k = 40;
     uint8_t *wqkv = topk ? random_rows(Q4, D, NQKV) : random_rows(Q4, NQKV, D), *wo = random_rows(Q4, D, H * HD);
@@ -150,6 +167,13 @@ static void check_layer(int nt, int topk, int down_rows, int sparse) {
     desc.o = (ESLinear){wo, NULL, FMT_Q4, D, H * HD, 0};
     desc.ffn = sparse ? FFN_REGLU_SPARSE : FFN_SILU; desc.gate_fmt = desc.down_fmt = FMT_Q4; desc.d_ff = F; desc.down_rows = down_rows;
     desc.gate = g; desc.up = u; desc.down_t = dn;
+    float pa[32 * D], pb[F * 32], pbias[F];   /* predictor: bias +-1e4 admits the even neurons */
+    for (int i = 0; i < 32 * D; i++) pa[i] = uniform();
+    for (int i = 0; i < F * 32; i++) pb[i] = uniform();
+    for (int i = 0; i < F; i++) pbias[i] = i % 2 ? -1e4f : 1e4f;
+    if (pred) { desc.a_t = pa; desc.b_t = pb; desc.pbias = pbias; desc.rank = 32; }
+    float x0[D], ck0[KV * L * HD], cv0[KV * L * HD];
+    memcpy(x0, x, sizeof x); memcpy(ck0, ck1, sizeof ck0); memcpy(cv0, cv1, sizeof cv0);
     memcpy(xl, x, sizeof x);
     int64_t counts[2];
     es_decode_layer(&desc, xl, ck1, cv1, cs, sn, slot, first, nt, counts);
@@ -161,11 +185,29 @@ static void check_layer(int nt, int topk, int down_rows, int sparse) {
     for (int i = 0; i < D; i++) x[i] += y[i];
     es_rms_norm_f32(x, mn, 1e-5f, D, h);
     int64_t c2[2];
-    if (sparse) es_reglu_ffn_q4_q4(h, NULL, NULL, NULL, NULL, NULL, NULL, NULL, g, u, dn, D, 0, F, nt, y, c2);
+    if (sparse) es_reglu_ffn_q4_q4(h, pred ? pa : NULL, pred ? pb : NULL, NULL, NULL, NULL, NULL, pred ? pbias : NULL,
+                                   g, u, dn, D, pred ? 32 : 0, F, nt, y, c2);
     else es_ffn_dense_q(FMT_Q4, FMT_Q4, 0, down_rows, g, u, dn, D, F, h, nt, y);
     for (int i = 0; i < D; i++) x[i] += y[i];
     if (memcmp(x, xl, sizeof x) || memcmp(ck1, ck2, sizeof ck1) || memcmp(cv1, cv2, sizeof cv1)) {
-        printf("FAIL decode layer != its kernels (topk=%d down_rows=%d sparse=%d nt=%d)\n", topk, down_rows, sparse, nt);
+        printf("FAIL decode layer != its kernels (topk=%d down_rows=%d sparse=%d pred=%d nt=%d)\n", topk, down_rows,
+               sparse, pred, nt);
+        fails++;
+    }
+    /* two layers in one es_decode_layers call == two es_decode_layer calls */
+    float xa[D], xb[D], ka[2][KV * L * HD], va[2][KV * L * HD], kb[2][KV * L * HD], vb[2][KV * L * HD];
+    memcpy(xa, x0, sizeof xa); memcpy(xb, x0, sizeof xb);
+    for (int l = 0; l < 2; l++) {
+        memcpy(ka[l], ck0, sizeof ck0); memcpy(kb[l], ck0, sizeof ck0);
+        memcpy(va[l], cv0, sizeof cv0); memcpy(vb[l], cv0, sizeof cv0);
+    }
+    const ESLayer *two[2] = {&desc, &desc};
+    void *kp[2] = {ka[0], ka[1]}, *vp[2] = {va[0], va[1]};
+    int64_t c4[4];
+    es_decode_layers(two, 2, xa, kp, vp, cs, sn, slot, first, nt, c4);
+    for (int l = 0; l < 2; l++) es_decode_layer(&desc, xb, kb[l], vb[l], cs, sn, slot, first, nt, counts);
+    if (memcmp(xa, xb, sizeof xa) || memcmp(ka, kb, sizeof ka) || memcmp(va, vb, sizeof va)) {
+        printf("FAIL decode layers != layer by layer (topk=%d sparse=%d pred=%d nt=%d)\n", topk, sparse, pred, nt);
         fails++;
     }
     free(wqkv); free(wo); free(g); free(u); free(dn);
@@ -187,7 +229,8 @@ static void check_rms_norm_bf16(void) {
 void check_ops(void) {
     for (int nt = 1; nt <= 2; nt++)
         for (int topk = 0; topk < 2; topk++)
-            for (int ffn = 0; ffn < 3; ffn++) check_layer(nt, topk, ffn == 1, ffn == 2);   /* neuron-major, row-major, sparse exact */
+            for (int ffn = 0; ffn < 4; ffn++)   /* dense: neuron-major, row-major down; sparse: exact, predictor */
+                check_layer(nt, topk, ffn == 1, ffn >= 2, ffn == 3);
     for (int nt = 1; nt <= 2; nt++) {
         check_float_bf16(37, 96, nt); check_float_bf16(70, 1000, nt);
         check_float_f32(37, 96, nt); check_float_f32(70, 1000, nt);

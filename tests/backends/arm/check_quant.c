@@ -81,7 +81,7 @@ static void check_more(int fmt, int n, int d, int nt) {
     for (int j = 0; j < d; j++) want[j] = 0;
     for (int r = 0; r < n; r++) {
         int above = 0;
-        for (int q = 0; q < n; q++) above += fabsf(x[q]) > fabsf(x[r]);
+        for (int q = 0; q < n; q++) above += fabsf(x[q]) > fabsf(x[r]) || (fabsf(x[q]) == fabsf(x[r]) && q < r);
         if (above < k)
             for (int j = 0; j < d; j++) want[j] += x[r] * W[(size_t)r * d + j];
     }
@@ -105,6 +105,20 @@ static void check_more(int fmt, int n, int d, int nt) {
     const double ffn_tol = 6e-2;
     check("reglu ffn (exact)", fmt, n, d, got, want, d, ffn_tol);
     if (counts[0] != n) { printf("FAIL reglu ffn candidates %lld != %d\n", (long long)counts[0], n); fails++; }
+    if (fmt != Q8) {   /* the same FFN with its down projection at q8_0 */
+        uint8_t *dn8 = random_rows(Q8, n, d);
+        double *D8 = malloc(sizeof(double) * (size_t)n * d);
+        for (int r = 0; r < n; r++) dequant(Q8, dn8, r, d, D8 + (size_t)r * d);
+        (fmt == Q4 ? es_reglu_ffn_q4_q8 : es_reglu_ffn_q41_q8)(x, NULL, NULL, NULL, NULL, NULL, NULL, NULL, g, u, dn8, d,
+                                                               0, n, nt, got, counts);
+        double *w8 = malloc(sizeof(double) * d);
+        for (int j = 0; j < d; j++) {
+            w8[j] = 0;
+            for (int r = 0; r < n; r++) w8[j] += h[r] * D8[(size_t)r * d + j];
+        }
+        check("reglu ffn (down at q8_0)", fmt, n, d, got, w8, d, ffn_tol);
+        free(dn8); free(D8); free(w8);
+    }
     /* predictor mode, fp32 and int8 factors (r = 32): a bias of +-1e4 admits exactly the even
      * neurons whatever the scores, so the candidates and the result are known */
     const int r = 32;
