@@ -272,3 +272,10 @@ def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     (a stable sort), so every backend and the native kernels keep the same entries even when
     magnitudes tie, which bf16 activations and GQA-repeated values often do."""
     return torch.sort(x.abs(), dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def keep_topk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``x [B, d]`` with all but each row's ``topk_indices`` zeroed: a batch's per-token Top-K
+    as one masked product (the union of kept rows over several tokens is most rows)."""
+    idx = topk_indices(x, k)
+    return torch.zeros_like(x).scatter_(1, idx, x.gather(1, idx))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .formats import QuantRows, dense, rows_of
-from .interface import Executor, FFNWeights, LinearWeights, PredictorWeights, TopKWeights, activate, topk_indices
+from .interface import Executor, FFNWeights, LinearWeights, PredictorWeights, TopKWeights, activate, keep_topk, topk_indices
 
 
 # Above this share of a matrix's rows a sparse op reads all rows densely instead of gathering:
@@ -63,10 +63,7 @@ class TorchExecutor(Executor):
             idx = topk_indices(x[0], k)
             out = weighted_row_sum(w.weight_t, idx, x[:, idx])
         else:
-            # Batch > 1: per-token Top-K (each token keeps its own K entries).  The union of
-            # kept rows over several tokens is most rows, so one masked GEMM is cheaper.
-            idx = topk_indices(x, k)
-            out = torch.zeros_like(x).scatter_(1, idx, x.gather(1, idx)) @ dense(w.weight_t, x.dtype)
+            out = keep_topk(x, k) @ dense(w.weight_t, x.dtype)   # batch > 1: each token its own K
         return out if w.bias is None else out + w.bias
 
     def lowrank_scores(self, x, p: PredictorWeights):

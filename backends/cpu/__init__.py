@@ -7,7 +7,7 @@ import mmap
 import torch
 
 from ..formats import BLOCK_BYTES, QuantRows, TransposedRows, int8_rows
-from ..interface import FFNWeights, LayerStep, LinearWeights, PredictorWeights, TopKWeights, activate, topk_indices
+from ..interface import FFNWeights, LayerStep, LinearWeights, PredictorWeights, TopKWeights, activate, keep_topk
 from ..reference import TorchExecutor
 from . import layer_step, native
 
@@ -141,10 +141,8 @@ class CpuExecutor(TorchExecutor):
                 if x.shape[0] == 1 and k < w.weight_t.shape[0]:
                     out = native.q_topk_linear(w.weight_t, x[0], k).to(x.dtype).unsqueeze(0)
                 else:   # prefill (K = all) or a batch: each token's kept entries, rows read once
-                    if k < w.weight_t.shape[0]:
-                        idx = topk_indices(x, k)
-                        x = torch.zeros_like(x).scatter_(1, idx, x.gather(1, idx))
-                    out = native.q_rows_gemm(w.weight_t, x).to(x.dtype)
+                    masked = x if k >= w.weight_t.shape[0] else keep_topk(x, k)
+                    out = native.q_rows_gemm(w.weight_t, masked).to(x.dtype)
                 return out if w.bias is None else out + w.bias
             return super().topk_linear(x, w, k)
         if x.shape[0] == 1 and k < w.weight_t.shape[0] and native.supports(w.weight_t):

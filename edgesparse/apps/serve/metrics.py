@@ -6,6 +6,7 @@ the scraper's ``rate()`` of them.  Gauges: the queue, the running slot(s) and th
 sparsity the model measured over the tokens it has decoded."""
 from __future__ import annotations
 
+
 def _line(name: str, value, labels: dict | None = None) -> str:
     lab = "" if not labels else "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
     return f"{name}{lab} {float(value):.6g}" if isinstance(value, float) else f"{name}{lab} {value}"
@@ -34,10 +35,9 @@ def render(worker, model, slots: int = 1) -> str:
     metric("edgesparse_slots_busy", "gauge", "Slots decoding now.", [(None, h["running"])])
     metric("edgesparse_slots", "gauge", "Slots (requests decoded at once).", [(None, slots)])
     metric("edgesparse_healthy", "gauge", "1 when /health reports ok.", [(None, int(h["status"] == "ok"))])
-    s = model.stats.summary() if getattr(model, "stats", None) is not None else {}
-    shares = [(k, s[k]) for k in ("ffn_sparsity", "gate_sparsity") if isinstance(s.get(k), (int, float))]
+    s = model.stats.summary()
     metric("edgesparse_sparsity", "gauge", "Share of rows skipped over the tokens decoded so far.",
-           [({"kind": k.removesuffix("_sparsity")}, float(v)) for k, v in shares])
+           [({"kind": k}, float(s[f"{k}_sparsity"])) for k in ("ffn", "gate")])
     metric("edgesparse_info", "gauge", "The model and how it runs.",
-           [({"ffn_mode": model.ffn_mode, "attn_mode": getattr(model, "attn_mode", "dense")}, 1)])
+           [({"ffn_mode": model.ffn_mode, "attn_mode": model.attn_mode}, 1)])
     return "\n".join(out) + "\n"
