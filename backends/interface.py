@@ -61,18 +61,24 @@ class PredictorWeights:
 class LayerStep:
     """One decoder layer of a single-token, single-sequence decode step, in the executor's own
     weight types, for backends that run a whole layer in one call (``Executor.decode_layer``):
-    x + attn(norm(x)), then + mlp(norm(x)).  ``qkv``/``o`` are dense (LinearWeights) or Top-K
-    (TopKWeights, ``k`` inputs kept); the FFN runs densely (``ffn_sparse`` False) or as a
-    sparse ReGLU, exact (``predictor`` None) or predictor-sparse."""
+    x + attn(norm(x)) [then · attn_adapter], then + mlp(norm(x)) [then · adapter].
+    ``qkv``/``o`` are dense (LinearWeights) or Top-K (TopKWeights, ``k`` inputs kept).  The MLP
+    is ``ffn``, run densely (``ffn_sparse`` False) or as a sparse ReGLU, exact (``predictor``
+    None) or predictor-sparse; or, with ``ffn`` None, a SwiGLU under Top-K: ``topk_mlp`` =
+    (gate and up stacked ``[d -> 2 d_ff]``, down ``[d_ff -> d]``), with ``swiglu_stacked``
+    between them.  The adapters are LaRoSA's residual basis changes (None: none)."""
     attn_norm: torch.Tensor
     qkv: "LinearWeights | TopKWeights"
     o: "LinearWeights | TopKWeights"
     mlp_norm: torch.Tensor
-    ffn: FFNWeights
+    ffn: FFNWeights | None
     ffn_sparse: bool
     predictor: PredictorWeights | None
     n_heads: int
     eps: float
+    topk_mlp: "tuple[TopKWeights, TopKWeights] | None" = None
+    attn_adapter: LinearWeights | None = None
+    adapter: LinearWeights | None = None
 
 
 class Executor(ABC):
@@ -227,6 +233,13 @@ class Executor(ABC):
         """Keep the ``k`` (default ``w.k``) largest-magnitude entries of each row of
         ``x [B, d_in]`` and multiply only the matching rows of ``weight_t``.  ``[B, d_out]``.
         ``k >= d_in`` is the dense product."""
+
+    def swiglu_stacked(self, gu: torch.Tensor) -> torch.Tensor:
+        """``silu(g) * u`` of ``gu [B, 2 d_ff]``, gate and up stacked (a Top-K MLP's one linear),
+        in gu's dtype.  A backend whose layer step computes this natively uses the same code
+        here, so both paths keep the same Top-K entries of the result."""
+        f = gu.shape[-1] // 2
+        return F.silu(gu[..., :f]) * gu[..., f:]
 
     @abstractmethod
     def lowrank_scores(self, x: torch.Tensor, p: PredictorWeights) -> torch.Tensor:

@@ -134,6 +134,11 @@ class CpuExecutor(TorchExecutor):
             return out.unsqueeze(0), n_cand, n_active
         return super().reglu_sparse(x, w, p)
 
+    def swiglu_stacked(self, gu):
+        if gu.dim() == 2 and gu.dtype in (torch.bfloat16, torch.float32) and native.supports(gu):
+            return native.swiglu(gu)
+        return super().swiglu_stacked(gu)
+
     def topk_linear(self, x, w: TopKWeights, k=None):
         k = w.k if k is None else k
         if isinstance(w.weight_t, QuantRows):

@@ -6,8 +6,9 @@ fp32 copies of biases and the predictor.  Each decode step then costs one ctypes
 layer instead of ~15 executor calls, each with its own marshalling, allocations and dtype
 conversions (docs/performance.md).  Covered: block-quantised weights (q8_0 / q4_0 / q4_1)
 throughout the layer, bf16 or fp32 activations, dense or Top-K attention projections, a
-dense (SiLU / ReLU) or sparse ReGLU FFN.  Anything else (float weights, SwiGLU under Top-K,
-residual adapters) returns None and the decoder composes the layer from executor ops."""
+dense (SiLU / ReLU) or sparse ReGLU FFN or a Top-K SwiGLU, and LaRoSA's residual adapters.
+Anything else (float weights, a Top-K layer run densely) returns None and the decoder
+composes the layer from executor ops."""
 from __future__ import annotations
 
 import ctypes
@@ -19,7 +20,7 @@ from ..interface import LayerStep, LinearWeights, TopKWeights
 from . import native
 
 _FMT = native.FMT_CODE
-_SILU, _RELU, _REGLU_SPARSE = 0, 1, 2
+_SILU, _RELU, _REGLU_SPARSE, _TOPK_SWIGLU = 0, 1, 2, 3
 _ACT = {torch.bfloat16: 1, torch.float32: 0}
 _P, _I = ctypes.c_void_p, ctypes.c_int
 
@@ -33,7 +34,8 @@ class ESLayer(ctypes.Structure):
                 ("eps", ctypes.c_float), ("attn_norm", _P), ("mlp_norm", _P), ("qkv", ESLinear), ("o", ESLinear),
                 ("ffn", _I), ("gate_fmt", _I), ("down_fmt", _I), ("d_ff", _I), ("rank", _I), ("down_rows", _I),
                 ("gate", _P), ("up", _P), ("down_t", _P),
-                ("a_t", _P), ("b_t", _P), ("pbias", _P), ("sa", _P), ("sb", _P), ("qa", _P), ("qb", _P)]
+                ("a_t", _P), ("b_t", _P), ("pbias", _P), ("sa", _P), ("sb", _P), ("qa", _P), ("qb", _P),
+                ("gate_up", ESLinear), ("down", ESLinear), ("attn_adapter", ESLinear), ("adapter", ESLinear)]
 
 
 def _fn():
@@ -73,22 +75,31 @@ def build(step: LayerStep, cache_k: torch.Tensor, act_dtype: torch.dtype) -> Pla
     """The native descriptor of ``step``, or None where the native step does not cover it."""
     if _fn() is None or act_dtype not in _ACT or cache_k.dtype != act_dtype or not cache_k.is_contiguous():
         return None
-    f = step.ffn
-    if not native.supports_dense_ffn(f.gate, f.up, f.down_t):
-        return None
     if step.attn_norm.dtype != act_dtype or step.mlp_norm.dtype != act_dtype:
         return None
     keep: list = [step.attn_norm, step.mlp_norm]
-    qkv, o = _linear(step.qkv, keep), _linear(step.o, keep)
-    if qkv is None or o is None:
+    lins = {k: _linear(w, keep) for k, w in (("qkv", step.qkv), ("o", step.o))}
+    for k, w in (("attn_adapter", step.attn_adapter), ("adapter", step.adapter)):
+        if w is not None:
+            lins[k] = _linear(w, keep)
+    if any(v is None for v in lins.values()):
         return None
     n_kv, max_len, hd = cache_k.shape
-    d = step.attn_norm.numel()
-    desc = ESLayer(d=d, n_heads=step.n_heads, n_kv=n_kv, hd=hd, max_len=max_len, bf16=_ACT[act_dtype],
-                   eps=step.eps, attn_norm=step.attn_norm.data_ptr(), mlp_norm=step.mlp_norm.data_ptr(), qkv=qkv, o=o,
-                   gate_fmt=_FMT[f.gate.fmt], down_fmt=_FMT[f.down_t.fmt], d_ff=f.gate.shape[0],
-                   gate=f.gate.data.data_ptr(), up=f.up.data.data_ptr(), down_t=f.down_t.data.data_ptr(),
-                   down_rows=int(isinstance(f.down_t, TransposedRows)))
+    desc = ESLayer(d=step.attn_norm.numel(), n_heads=step.n_heads, n_kv=n_kv, hd=hd, max_len=max_len,
+                   bf16=_ACT[act_dtype], eps=step.eps, attn_norm=step.attn_norm.data_ptr(),
+                   mlp_norm=step.mlp_norm.data_ptr(), **lins)
+    f = step.ffn
+    if f is None:   # a SwiGLU under Top-K: two Top-K linears that really skip inputs
+        gate_up, down = (_linear(w, keep) for w in step.topk_mlp)
+        if gate_up is None or down is None or not isinstance(step.topk_mlp[0], TopKWeights):
+            return None
+        desc.ffn, desc.gate_up, desc.down, desc.d_ff = _TOPK_SWIGLU, gate_up, down, down.rows
+        return Plan(desc, keep)
+    if not native.supports_dense_ffn(f.gate, f.up, f.down_t):
+        return None
+    desc.gate_fmt, desc.down_fmt, desc.d_ff = _FMT[f.gate.fmt], _FMT[f.down_t.fmt], f.gate.shape[0]
+    desc.gate, desc.up, desc.down_t = f.gate.data.data_ptr(), f.up.data.data_ptr(), f.down_t.data.data_ptr()
+    desc.down_rows = int(isinstance(f.down_t, TransposedRows))
     if not step.ffn_sparse:
         if f.act not in ("silu", "relu"):
             return None

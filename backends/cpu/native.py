@@ -47,7 +47,8 @@ FMT_CODE = {"q8_0": 0, "q4_0": 1, "q4_1": 2}   # decode_layer.c's FMT_*
 _QUANT_ONLY_SIGNATURES = {"es_gemm": [_P, _P, _P, _I, _I, _I, _I, _P], "es_rows_gemm": [_P, _P, _I, _I, _I, _I, _P]}
 # Kernels with one name for every format (the format is an argument: FMT_CODE).
 _PLAIN_SIGNATURES = {"es_ffn_dense_q": [_I, _I, _I, _I, _P, _P, _P, _I, _I, _P, _I, _P],
-                     "es_decode_layers": [_P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _P]}
+                     "es_decode_layers": [_P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _P],
+                     "es_swiglu": [_I, _P, _I, _I, _P]}
 
 
 def _build() -> tuple[ctypes.CDLL | None, str]:
@@ -306,4 +307,14 @@ def q_ffn_dense(x: torch.Tensor, gate, up, down_t, act: str) -> torch.Tensor:
                          int(isinstance(down_t, TransposedRows)), gate.data.data_ptr(), up.data.data_ptr(),
                          down_t.data.data_ptr(), gate.cols, gate.shape[0], x.data_ptr(), torch.get_num_threads(),
                          out.data_ptr())
+    return out
+
+
+def swiglu(gu: torch.Tensor) -> torch.Tensor:
+    """``silu(g) * u`` of ``gu [B, 2f]`` (bf16 or fp32) with the roundings of the torch ops, in
+    the code the native layer step runs (decode_layer.c): ``[B, f]`` in gu's dtype."""
+    gu = gu.contiguous()
+    n, f = gu.shape[0], gu.shape[1] // 2
+    out = torch.empty(n, f, dtype=gu.dtype)
+    lib().es_swiglu(int(gu.dtype == torch.bfloat16), gu.data_ptr(), n, f, out.data_ptr())
     return out

@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct, its own Q4_1 file, in llama.cpp and edgesparse in one sitting:
 dense decode tok/s with the native decoder layer (one C call per layer) and with the
 composed executor ops, plus whether their greedy tokens agree; 25% rotated Top-K (attention
-and MLP, calibrated here on calibrate's default text) through the native layer where it can;
+and MLP, calibrated here on calibrate's default text), native layer and composed ops alike;
 load time, time to first token, and prompt processing of 512 tokens (llama-bench -p 512 -n 0;
 its quantised prompt path crashes on CPUs with AMX, then pass --no-prompt).  Not part of CI.
 
@@ -60,7 +60,14 @@ def main():
         arts = edgesparse.calibrate(a.gguf, f"{tmp}/a", backend="cpu", tokens=4096, attn_sparsity=0.25,
                                     mlp_sparsity=0.25)["artifacts"]
         topk = edgesparse.load(a.gguf, backend="cpu", artifacts=arts)
-    samples["topk25"] = [round(topk.generate(prompt, **kw).tokens_per_s, 2) for _ in range(a.rounds)]
+        samples["topk25"], samples["topk25_composed"] = [], []
+        for _ in range(a.rounds):   # the native layer step (Top-K SwiGLU, adapters) and the composed ops
+            for name, fused in (("topk25", True), ("topk25_composed", False)):
+                topk.model.fused_decode = fused
+                c = topk.generate(prompt, **kw)
+                samples[name].append(round(c.tokens_per_s, 2))
+                tokens[name] = c.token_ids
+        topk.model.fused_decode = True
     pp = {}
     if not a.no_prompt:   # 512 prompt tokens of calibrate's default text, then one new token
         from edgesparse.sampling import SamplingParams
@@ -82,7 +89,10 @@ def main():
                                           / statistics.median(samples["composed"]), 3),
         "topk25_vs_llama_cpp": round(statistics.median(samples["topk25"]) / peer_med, 3),
         "topk25_weights": sorted({getattr(l.attn.qkv.weight_t, "fmt", "float") for l in topk.model.layers}),
+        "topk25_vs_native_dense": round(statistics.median(samples["topk25"])
+                                        / statistics.median(samples["native_layer"]), 3),
         "greedy_tokens_identical": tokens["native_layer"] == tokens["composed"],
+        "topk25_greedy_tokens_identical": tokens["topk25"] == tokens["topk25_composed"],
         "load_s": round(load_s, 2), "first_token_s": round(ttft, 3), **pp,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)

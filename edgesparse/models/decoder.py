@@ -19,7 +19,7 @@ from edgesparse.errors import InvalidOptionError
 from edgesparse.sparsity.ffn import FFN_MODES, StatsBook, record_gather
 from .source import FloatSource
 from .spec import ModelSpec
-from .weights import Attention, GatedMLP, Layer, ReGLUMLP, TopKAttention
+from .weights import Attention, GatedMLP, Layer, ReGLUMLP, TopKAttention, TopKMLP
 
 
 @dataclass
@@ -194,20 +194,24 @@ class DecoderModel:
 
     def _layer_step(self, li: int, layer: Layer, mode: str, attn_sparse: bool) -> LayerStep | None:
         """The layer as one ``LayerStep`` for ``Executor.decode_layer`` (cached while the layer's
-        attention, MLP and predictor objects stay the same), or None for layers it cannot
-        describe: residual adapters (LaRoSA with per-layer rotations), Top-K MLPs, a Top-K
-        attention run densely."""
+        attention, MLP, predictor and adapter objects stay the same), or None for layers it
+        cannot describe: a Top-K attention or MLP run densely (K = all is the prefill path's)."""
         attn, mlp = layer.attn, layer.mlp
         pred = getattr(mlp, "predictor", None)
+        objs = (attn, mlp, pred, layer.adapter)
         hit = self._steps.get((li, mode, attn_sparse))
-        if hit is not None and hit[0] is attn and hit[1] is mlp and hit[2] is pred:
-            return hit[3]
+        if hit is not None and all(a is b for a, b in zip(hit[0], objs)):
+            return hit[1]
         step = None
         usable_attn = type(attn) is Attention or (type(attn) is TopKAttention and attn_sparse)
-        if layer.adapter is None and attn.adapter is None and usable_attn and type(mlp) in (GatedMLP, ReGLUMLP):
+        common = dict(n_heads=self.spec.n_heads, eps=self.spec.eps, attn_adapter=attn.adapter, adapter=layer.adapter)
+        if usable_attn and type(mlp) in (GatedMLP, ReGLUMLP):
             step = LayerStep(attn.norm, attn.qkv, attn.o, mlp.norm, mlp.ffn, mode in ("exact", "predictor"),
-                             pred if mode == "predictor" else None, self.spec.n_heads, self.spec.eps)
-        self._steps[(li, mode, attn_sparse)] = (attn, mlp, pred, step)
+                             pred if mode == "predictor" else None, **common)
+        elif usable_attn and type(mlp) is TopKMLP and mode == "topk":
+            step = LayerStep(attn.norm, attn.qkv, attn.o, mlp.norm, None, False, None,
+                             topk_mlp=(mlp.gate_up, mlp.down), **common)
+        self._steps[(li, mode, attn_sparse)] = (objs, step)
         return step
 
     def _attention_mask(self, cache: KVCache, start: int, end: int) -> torch.Tensor:

@@ -89,9 +89,8 @@ def topk_mlp(ex, x, mlp, sparse: bool):
     """SwiGLU under (rotated) Top-K: gate and up stacked in one Top-K linear, then down."""
     full = None if sparse else mlp.gate_up.weight_t.shape[0]
     gu = ex.topk_linear(x, mlp.gate_up, full)
-    f = gu.shape[-1] // 2
-    h = torch.nn.functional.silu(gu[:, :f]) * gu[:, f:]
-    return ex.topk_linear(h, mlp.down, None if sparse else f)
+    h = ex.swiglu_stacked(gu)
+    return ex.topk_linear(h, mlp.down, None if sparse else h.shape[-1])
 
 
 def _gather_path(ex, x, mlp, mode, stats):

@@ -105,8 +105,65 @@ def test_predictor_and_topk_attention(calibrated, calls):
     assert calls["layers"] == 6 * len(m.layers)
 
 
+@pytest.fixture(scope="module")
+def swiglu_topk(tmp_path_factory, ckpt_factory):
+    """A SwiGLU checkpoint with 40% rotated Top-K in attention and MLP: under the default
+    ``shared`` rotation a residual adapter follows every layer's MLP, under ``per-site`` its
+    attention too."""
+    path = ckpt_factory("llama", "silu", intermediate_size=176)   # gate|up: 11 blocks a row
+    tmp = tmp_path_factory.mktemp("calib_swiglu")
+    data = tmp / "calib.txt"
+    data.write_text(TEXT * 20)
+    made = {}
+
+    def get(fmt, dtype, rotation="shared"):   # artifacts are fitted to one weight format and dtype
+        key = (fmt, dtype, rotation)
+        if key not in made:
+            made[key] = edgesparse.calibrate(
+                path, tmp / "-".join(key), data=[data], backend="cpu", tokens=512, window=64, weights=fmt,
+                dtype=dtype, attn_sparsity=0.4, mlp_sparsity=0.4, rotation=rotation)["artifacts"]
+        return path, made[key]
+    return get
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_topk_swiglu_with_residual_adapters(swiglu_topk, fmt, dtype, calls):
+    path, arts = swiglu_topk(fmt, dtype)
+    llm = edgesparse.load(path, backend="cpu", dtype=dtype, weights=fmt, artifacts=arts)
+    m = llm.model
+    assert m.ffn_mode == "topk" and m.attn_mode == "topk"
+    assert all(layer.adapter is not None for layer in m.layers[:-1])
+    _same(m, calls, len(m.layers))
+    with m.modes(ffn="dense"):   # a Top-K MLP run densely is left to the composed ops
+        _decode(m, fused=True)
+    assert calls["layers"] == 6 * len(m.layers)
+
+
+def test_per_site_rotations_adapt_after_attention_too(swiglu_topk, calls):
+    path, arts = swiglu_topk("q4_0", "bf16", "per-site")
+    m = edgesparse.load(path, backend="cpu", dtype="bf16", weights="q4_0", artifacts=arts).model
+    assert all(layer.attn.adapter is not None for layer in m.layers)
+    _same(m, calls, len(m.layers))
+
+
+def test_swiglu_stacked_is_the_torch_activation():
+    """The native activation both paths use matches the torch ops to the last bit on most
+    entries, and within one rounding on every entry (libm's expf vs torch's)."""
+    from edgesparse.backends.interface import Executor
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for n, f in ((1, 1), (1, 7), (3, 200)):
+            gu = (torch.randn(n, 2 * f, generator=g) * 4).to(dtype)
+            got, want = native.swiglu(gu), Executor.swiglu_stacked(None, gu)
+            assert got.shape == (n, f) and got.dtype == dtype
+            tol = 1e-6 if dtype == torch.float32 else 8e-3
+            assert torch.allclose(got.float(), want.float(), rtol=tol, atol=1e-6)
+            assert (got == want).float().mean() > 0.95
+
+
 def test_not_covered_layers_are_composed(ckpt_factory, calls):
-    """Float weights, and per-layer rotations' residual adapters, take the composed ops."""
+    """Float weights take the composed ops."""
     llm = edgesparse.load("tiny", backend="cpu", dtype="bf16")
     toks, _, _ = _decode(llm.model, fused=True)
     assert calls["layers"] == 0 and len(toks) == 6

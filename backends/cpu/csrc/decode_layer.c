@@ -1,7 +1,8 @@
 /* One decoder layer of a single-token decode step in one native call (cpu backend,
  * backends/cpu/layer_step.py): RMSNorm -> q/k/v (dense or Top-K) -> RoPE, cache write and
- * attention -> o -> residual -> RMSNorm -> FFN (dense, exact or predictor-sparse ReGLU) ->
- * residual, over block-quantised weights (q8_0 / q4_0 / q4_1).
+ * attention -> o -> residual [-> adapter] -> RMSNorm -> FFN (dense, exact or predictor-sparse
+ * ReGLU, or a Top-K SwiGLU) -> residual [-> adapter], over block-quantised weights (q8_0 / q4_0 /
+ * q4_1).
  *
  * Why: at batch 1 a small model's token is mostly not weight streaming but ~15 Python-level
  * executor calls per layer, each with ctypes marshalling, a torch allocation and a dtype
@@ -76,6 +77,32 @@ static void linear(const ESLayer *L, const ESLinear *w, const float *x, int nt, 
     for (int i = 0; i < n_out; i++) out[i] = rnd(L->bf16, out[i]);
 }
 
+/* A Top-K MLP's activation, silu(g) * u over gate|up stacked [2f], with the roundings of the
+ * composed path's torch ops (silu rounded to the activation dtype, then the product rounded).
+ * Also that path's op (Executor.swiglu_stacked -> native.swiglu), for the reason es_ffn_dense_q
+ * gives: one code for the activation in both paths, or Top-K selections drift apart. */
+static void swiglu_row(int bf16, const float *gu, int f, float *out) {
+    for (int i = 0; i < f; i++) {
+        float g = gu[i];
+        out[i] = rnd(bf16, rnd(bf16, g / (1.f + expf(-g))) * gu[f + i]);
+    }
+}
+
+/* n rows of gu [n, 2f] -> out [n, f], in the activation dtype */
+void es_swiglu(int bf16, const void *gu, int n, int f, void *out) {
+    float *a = (float *)malloc(sizeof(float) * (size_t)(3 * f));
+    float *h = a + 2 * f;
+    for (int r = 0; r < n; r++) {
+        for (int i = 0; i < 2 * f; i++) a[i] = ld(bf16, gu, r * 2 * f + i);
+        swiglu_row(bf16, a, f, h);
+        for (int i = 0; i < f; i++) {
+            if (bf16) ((uint16_t *)out)[(size_t)r * f + i] = f32_to_bf16(h[i]);
+            else ((float *)out)[(size_t)r * f + i] = h[i];
+        }
+    }
+    free(a);
+}
+
 /* The dense gated FFN of one token over block rows: act(gate . h) * (up . h), then the
  * down projection as a row sum over down_t, or (down_rows) as integer dots against W_down's
  * own rows, the faster kernel where the layout allows it; fp32 in and out.  Also the composed path's
@@ -106,6 +133,15 @@ void es_ffn_dense_q(int gate_fmt, int down_fmt, int relu, int down_rows, const u
 /* out [d] (fp32, not yet rounded); counts = (gate rows, active rows) of a sparse FFN */
 static void ffn(const ESLayer *L, const float *h, int nt, float *out, int64_t *counts) {
     const int d = L->d, f = L->d_ff;
+    if (L->ffn == FFN_TOPK_SWIGLU) {   /* each Top-K linear's result is rounded (linear) */
+        float *gu = (float *)malloc(sizeof(float) * (size_t)(3 * f));
+        linear(L, &L->gate_up, h, nt, gu);
+        swiglu_row(L->bf16, gu, f, gu + 2 * f);
+        linear(L, &L->down, gu + 2 * f, nt, out);
+        free(gu);
+        counts[0] = counts[1] = f;
+        return;
+    }
     if (L->ffn == FFN_REGLU_SPARSE) {
 #define CALL(F, FD) es_reglu_ffn_##F##_##FD(h, L->a_t, L->b_t, L->qa, L->sa, L->qb, L->sb, L->pbias, L->gate, \
                                             L->up, L->down_t, d, L->rank, f, nt, out, counts)
@@ -117,6 +153,13 @@ static void ffn(const ESLayer *L, const float *h, int nt, float *out, int64_t *c
     }
     es_ffn_dense_q(L->gate_fmt, L->down_fmt, L->ffn == FFN_RELU, L->down_rows, L->gate, L->up, L->down_t, d, f, h, nt, out);
     counts[0] = counts[1] = f;
+}
+
+/* x <- x . A (a residual basis change, LaRoSA), rounded as the composed linear; y: scratch [d] */
+static void adapt(const ESLayer *L, const ESLinear *a, float *x, float *y, int nt) {
+    if (!a->w) return;
+    linear(L, a, x, nt, y);
+    memcpy(x, y, sizeof(float) * (size_t)L->d);
 }
 
 /* x [d] (activation dtype) is updated in place; cos/sin: this position's RoPE rows. */
@@ -142,10 +185,12 @@ void es_decode_layer(const ESLayer *L, void *x_io, void *cache_k, void *cache_v,
     }
     linear(L, &L->o, att, nt, y);
     for (int i = 0; i < d; i++) x[i] = rnd(L->bf16, x[i] + y[i]);
+    adapt(L, &L->attn_adapter, x, y, nt);
 
     norm(L, x, L->mlp_norm, h);
     ffn(L, h, nt, y, counts);
     for (int i = 0; i < d; i++) x[i] = rnd(L->bf16, x[i] + rnd(L->bf16, y[i]));
+    adapt(L, &L->adapter, x, y, nt);
 
     for (int i = 0; i < d; i++) {
         if (L->bf16) ((uint16_t *)x_io)[i] = f32_to_bf16(x[i]);

@@ -6,7 +6,7 @@
 #include <stdint.h>
 
 enum { FMT_Q8 = 0, FMT_Q4 = 1, FMT_Q41 = 2 };
-enum { FFN_SILU = 0, FFN_RELU = 1, FFN_REGLU_SPARSE = 2 };
+enum { FFN_SILU = 0, FFN_RELU = 1, FFN_REGLU_SPARSE = 2, FFN_TOPK_SWIGLU = 3 };
 
 typedef struct {
     const uint8_t *w;    /* block rows: [rows, cols] */
@@ -26,12 +26,18 @@ typedef struct {
     /* predictor (ffn == FFN_REGLU_SPARSE; a_t and qa both NULL: exact mode) */
     const float *a_t, *b_t, *pbias, *sa, *sb;
     const int8_t *qa, *qb;
+    /* ffn == FFN_TOPK_SWIGLU (a SwiGLU under rotated Top-K): gate and up stacked in one Top-K
+     * linear [d -> 2 d_ff], silu(g) * u, then the Top-K down linear [d_ff -> d] */
+    ESLinear gate_up, down;
+    /* LaRoSA's residual basis changes after the attention and after the FFN; w NULL: none */
+    ESLinear attn_adapter, adapter;
 } ESLayer;
 
 void es_decode_layer(const ESLayer *L, void *x_io, void *cache_k, void *cache_v, const void *cos,
                      const void *sin, int slot, int first, int nt, int64_t *counts);
 void es_decode_layers(const ESLayer *const *L, int n, void *x_io, void *const *cache_k, void *const *cache_v,
                       const void *cos, const void *sin, int slot, int first, int nt, int64_t *counts);
+void es_swiglu(int bf16, const void *gu, int n, int f, void *out);
 void es_ffn_dense_q(int gate_fmt, int down_fmt, int relu, int down_rows, const uint8_t *gate, const uint8_t *up,
                     const uint8_t *down_t, int d, int f, const float *h, int nt, float *out);
 #endif

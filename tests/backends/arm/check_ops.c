@@ -146,14 +146,18 @@ DEFINE_CHECK_FLOAT(f32, float, SAME, SAME, 1e-4)
 
 /* the whole-layer step against the same kernels called one by one, in the order and with the
  * roundings decode_layer.c documents (fp32 activations: bit for bit); q4_0 weights, dense or
- * Top-K qkv, a SiLU FFN with a neuron-major or a row-major down projection, or the exact
- * sparse ReGLU FFN */
-static void check_layer(int nt, int topk, int down_rows, int sparse, int pred) {
+ * Top-K qkv, a SiLU FFN with a neuron-major or a row-major down projection, the exact or
+ * predictor-sparse ReGLU FFN, or (tk) a Top-K SwiGLU with residual adapters after the
+ * attention and the FFN */
+static void check_layer(int nt, int topk, int down_rows, int sparse, int pred, int tk) {
     enum { D = 64, H = 4, KV = 2, HD = 16, F = 96, L = 8, NQKV = H * HD + 2 * KV * HD };
     const int slot = 4, first = 0, k = 40;
     uint8_t *wqkv = topk ? random_rows(Q4, D, NQKV) : random_rows(Q4, NQKV, D), *wo = random_rows(Q4, D, H * HD);
     uint8_t *g = random_rows(Q4, F, D), *u = random_rows(Q4, F, D);
     uint8_t *dn = down_rows ? random_rows(Q4, D, F) : random_rows(Q4, F, D);
+    uint8_t *gu = random_rows(Q4, D, 2 * F), *aa = random_rows(Q4, D, D), *ad = random_rows(Q4, D, D);
+    const int k_gu = 45, k_dn = 50;
+    float gup[2 * F], hh[F];
     float an[D], mn[D], x[D], xl[D], h[D], y[D], qkv[NQKV], att[H * HD], cs[HD], sn[HD];
     float ck1[KV * L * HD], cv1[KV * L * HD], ck2[KV * L * HD], cv2[KV * L * HD];
     for (int i = 0; i < D; i++) { an[i] = 1 + 0.2f * uniform(); mn[i] = 1 + 0.2f * uniform(); x[i] = uniform(); }
@@ -172,6 +176,13 @@ static void check_layer(int nt, int topk, int down_rows, int sparse, int pred) {
     for (int i = 0; i < F * 32; i++) pb[i] = uniform();
     for (int i = 0; i < F; i++) pbias[i] = i % 2 ? -1e4f : 1e4f;
     if (pred) { desc.a_t = pa; desc.b_t = pb; desc.pbias = pbias; desc.rank = 32; }
+    if (tk) {
+        desc.ffn = FFN_TOPK_SWIGLU;
+        desc.gate_up = (ESLinear){gu, NULL, FMT_Q4, D, 2 * F, k_gu};
+        desc.down = (ESLinear){dn, NULL, FMT_Q4, F, D, k_dn};
+        desc.attn_adapter = (ESLinear){aa, NULL, FMT_Q4, D, D, 0};
+        desc.adapter = (ESLinear){ad, NULL, FMT_Q4, D, D, 0};
+    }
     float x0[D], ck0[KV * L * HD], cv0[KV * L * HD];
     memcpy(x0, x, sizeof x); memcpy(ck0, ck1, sizeof ck0); memcpy(cv0, cv1, sizeof cv0);
     memcpy(xl, x, sizeof x);
@@ -183,15 +194,21 @@ static void check_layer(int nt, int topk, int down_rows, int sparse, int pred) {
     es_decode_attention_f32(qkv, cs, sn, ck2, cv2, H, KV, HD, L, slot, first, nt, att);
     es_gemv_q4(wo, att, NULL, D, H * HD, nt, y);
     for (int i = 0; i < D; i++) x[i] += y[i];
+    if (tk) { es_gemv_q4(aa, x, NULL, D, D, nt, y); memcpy(x, y, sizeof x); }
     es_rms_norm_f32(x, mn, 1e-5f, D, h);
     int64_t c2[2];
-    if (sparse) es_reglu_ffn_q4_q4(h, pred ? pa : NULL, pred ? pb : NULL, NULL, NULL, NULL, NULL, pred ? pbias : NULL,
+    if (tk) {
+        es_topk_linear_q4(gu, h, D, 2 * F, k_gu, nt, gup);
+        es_swiglu(0, gup, 1, F, hh);
+        es_topk_linear_q4(dn, hh, F, D, k_dn, nt, y);
+    } else if (sparse) es_reglu_ffn_q4_q4(h, pred ? pa : NULL, pred ? pb : NULL, NULL, NULL, NULL, NULL, pred ? pbias : NULL,
                                    g, u, dn, D, pred ? 32 : 0, F, nt, y, c2);
     else es_ffn_dense_q(FMT_Q4, FMT_Q4, 0, down_rows, g, u, dn, D, F, h, nt, y);
     for (int i = 0; i < D; i++) x[i] += y[i];
+    if (tk) { es_gemv_q4(ad, x, NULL, D, D, nt, y); memcpy(x, y, sizeof x); }
     if (memcmp(x, xl, sizeof x) || memcmp(ck1, ck2, sizeof ck1) || memcmp(cv1, cv2, sizeof cv1)) {
-        printf("FAIL decode layer != its kernels (topk=%d down_rows=%d sparse=%d pred=%d nt=%d)\n", topk, down_rows,
-               sparse, pred, nt);
+        printf("FAIL decode layer != its kernels (topk=%d down_rows=%d sparse=%d pred=%d tk=%d nt=%d)\n", topk,
+               down_rows, sparse, pred, tk, nt);
         fails++;
     }
     /* two layers in one es_decode_layers call == two es_decode_layer calls */
@@ -210,7 +227,7 @@ static void check_layer(int nt, int topk, int down_rows, int sparse, int pred) {
         printf("FAIL decode layers != layer by layer (topk=%d sparse=%d pred=%d nt=%d)\n", topk, sparse, pred, nt);
         fails++;
     }
-    free(wqkv); free(wo); free(g); free(u); free(dn);
+    free(wqkv); free(wo); free(g); free(u); free(dn); free(gu); free(aa); free(ad);
 }
 
 static void check_rms_norm_bf16(void) {
@@ -229,8 +246,9 @@ static void check_rms_norm_bf16(void) {
 void check_ops(void) {
     for (int nt = 1; nt <= 2; nt++)
         for (int topk = 0; topk < 2; topk++)
-            for (int ffn = 0; ffn < 4; ffn++)   /* dense: neuron-major, row-major down; sparse: exact, predictor */
-                check_layer(nt, topk, ffn == 1, ffn >= 2, ffn == 3);
+            /* dense: neuron-major, row-major down; sparse: exact, predictor; Top-K SwiGLU + adapters */
+            for (int ffn = 0; ffn < 5; ffn++)
+                check_layer(nt, topk, ffn == 1, ffn == 2 || ffn == 3, ffn == 3, ffn == 4);
     for (int nt = 1; nt <= 2; nt++) {
         check_float_bf16(37, 96, nt); check_float_bf16(70, 1000, nt);
         check_float_f32(37, 96, nt); check_float_f32(70, 1000, nt);
