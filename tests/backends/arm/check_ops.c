@@ -227,6 +227,25 @@ static void check_layer(int nt, int topk, int down_rows, int sparse, int pred, i
         printf("FAIL decode layers != layer by layer (topk=%d sparse=%d pred=%d nt=%d)\n", topk, sparse, pred, nt);
         fails++;
     }
+    /* bf16 activations, norms, RoPE rows and cache: the same layer within bf16's rounding (and
+     * the Top-K entries it flips; a wrong layout or conversion is off by the values themselves) */
+    uint16_t x16[D], an16[D], mn16[D], cs16[HD], sn16[HD], k16[KV * L * HD], v16[KV * L * HD];
+    for (int i = 0; i < D; i++) { x16[i] = to_bf16(x0[i]); an16[i] = to_bf16(an[i]); mn16[i] = to_bf16(mn[i]); }
+    for (int i = 0; i < HD; i++) { cs16[i] = to_bf16(cs[i]); sn16[i] = to_bf16(sn[i]); }
+    for (int i = 0; i < KV * L * HD; i++) { k16[i] = to_bf16(ck0[i]); v16[i] = to_bf16(cv0[i]); }
+    ESLayer d16 = desc;
+    d16.bf16 = 1; d16.attn_norm = an16; d16.mlp_norm = mn16;
+    es_decode_layer(&d16, x16, k16, v16, cs16, sn16, slot, first, nt, counts);
+    float got16[D], kgot[KV * HD];
+    double want16[D], kwant[KV * HD];
+    for (int i = 0; i < D; i++) { got16[i] = from_bf16(x16[i]); want16[i] = xl[i]; }
+    for (int h2 = 0; h2 < KV; h2++)   /* the new token's keys, written at slot */
+        for (int i = 0; i < HD; i++) {
+            kgot[h2 * HD + i] = from_bf16(k16[(h2 * L + slot) * HD + i]);
+            kwant[h2 * HD + i] = ck1[(h2 * L + slot) * HD + i];
+        }
+    check(tk ? "decode layer bf16 (Top-K SwiGLU, adapters)" : "decode layer bf16", Q4, 1, D, got16, want16, D, 6e-2);
+    check("decode layer bf16 cache", Q4, 1, KV * HD, kgot, kwant, KV * HD, 0.1);
     free(wqkv); free(wo); free(g); free(u); free(dn); free(gu); free(aa); free(ad);
 }
 
