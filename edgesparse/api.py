@@ -67,7 +67,8 @@ def load(path, backend: str = "auto", dtype=None, artifacts=None, weights: str |
     """Load a HF checkpoint dir, a ``.gguf`` file or ``"tiny"`` onto ``backend``; ``weights``
     ``q8_0`` / ``q4_0`` quantises the weight matrices at load (see ``loader.load_model``).
 
-    With ``artifacts`` (a dir written by ``calibrate``) the FFNs decode in predictor mode;
+    With ``artifacts`` (a dir written by ``calibrate``) the FFNs decode in predictor mode (each
+    layer as calibration chose: its predictor, or exact, or dense);
     a ReGLU model without artifacts decodes in exact-sparse mode; others decode densely."""
     model, tok, config, p = load_model(path, backend=backend, dtype=dtype, weights=weights)
     arts = None
@@ -75,7 +76,7 @@ def load(path, backend: str = "auto", dtype=None, artifacts=None, weights: str |
         from .sparsity import attach_artifacts
         arts = attach_artifacts(model, artifacts)
     llm = LLM(model, tok, config, p, arts)
-    if arts is not None and arts.has_predictors:
+    if arts is not None and arts.has_ffn_calibration:
         llm.set_ffn_mode("predictor")
     elif model.spec.is_reglu:
         llm.set_ffn_mode("exact")

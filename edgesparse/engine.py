@@ -69,25 +69,20 @@ class Engine:
         token ids. ``on_finish`` (if given) receives ``{finish_reason, completion_tokens}`` after
         the last piece; ``on_step`` is called after every decoded token (it may raise to stop)."""
         params = (params or SamplingParams(**kw)).validate()
-        sent = ""
         prompt_ids = list(prompt) if isinstance(prompt, list) else self.encode(prompt)
         row = _Row(len(prompt_ids))
-        ids = row.ids
+        text = TextStream(self, params)
         for _ in self._decode([prompt_ids], params, [row]):
             if on_step is not None:
                 on_step()
-            text = self._visible(ids, params)
-            # Hold back an incomplete UTF-8 sequence and a possible stop-string prefix.
-            safe = text.rstrip("\ufffd")
-            safe = safe[:len(safe) - _stop_prefix_len(safe, params.stop)]
-            if len(safe) > len(sent):
-                yield safe[len(sent):]
-                sent = safe
-        final = self._visible(ids, params)
-        if len(final) > len(sent):
-            yield final[len(sent):]
+            piece = text.piece(row.ids)
+            if piece:
+                yield piece
+        piece = text.piece(row.ids, final=True)
+        if piece:
+            yield piece
         if on_finish is not None:
-            on_finish(dict(finish_reason=row.done or "length", completion_tokens=len(ids)))
+            on_finish(dict(finish_reason=row.done or "length", completion_tokens=len(row.ids)))
 
     def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Completion]:
         rows = [_Row(len(p)) for p in prompt_ids]
@@ -104,6 +99,16 @@ class Engine:
                                   finish_reason=r.done or "length", prefill_s=(t_first or t_end) - t0,
                                   decode_s=t_end - (t_first or t_end)))
         return out
+
+    def accept(self, row: "_Row", t: int, params: SamplingParams, stop_ids: set) -> None:
+        """Record token ``t`` on ``row`` and mark the row done on a stop token or stop string."""
+        row.ids.append(t)
+        if t in stop_ids:
+            row.done = "stop"
+        elif params.stop:
+            tail = self.tok.decode(row.ids[-16:])
+            if any(s and s in tail for s in params.stop):
+                row.done = "stop"
 
     # -- internals ----------------------------------------------------------------------------
     def _visible(self, ids: list[int], params: SamplingParams) -> str:
@@ -147,18 +152,30 @@ class Engine:
             tok = sample(logits, params, gen, seen).tolist()
             for r, t in zip(rows, tok):
                 if r.done is None:
-                    r.ids.append(t)
-                    if t in stop_ids:
-                        r.done = "stop"
-                    elif params.stop:
-                        tail = self.tok.decode(r.ids[-16:])
-                        if any(s and s in tail for s in params.stop):
-                            r.done = "stop"
+                    self.accept(r, t, params, stop_ids)
             yield tok
             if all(r.done for r in rows):
                 return
             logits = m.forward(torch.tensor(tok, device=dev)[:, None], cache, next_pos)
             next_pos = next_pos + 1
+
+
+class TextStream:
+    """The text of one sequence as its tokens arrive, in pieces safe to send: an incomplete
+    UTF-8 sequence and a possible stop-string prefix are held back until resolved."""
+
+    def __init__(self, engine: Engine, params: SamplingParams):
+        self.engine, self.params, self.sent = engine, params, ""
+
+    def piece(self, ids: list[int], final: bool = False) -> str:
+        text = self.engine._visible(ids, self.params)
+        if not final:
+            text = text.rstrip("\ufffd")
+            text = text[:len(text) - _stop_prefix_len(text, self.params.stop)]
+        if len(text) <= len(self.sent):
+            return ""
+        out, self.sent = text[len(self.sent):], text
+        return out
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> str:

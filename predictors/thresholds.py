@@ -44,11 +44,12 @@ def _thresholds_from_counts(sorted_scores: torch.Tensor, k: torch.Tensor) -> tor
 
 def calibrate_thresholds(scores: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                          down_norms: torch.Tensor, target_sparsity: float | None = None,
-                         target_recall: float | None = None) -> ThresholdResult:
+                         target_recall: float | None = None, iterations: int = 60) -> ThresholdResult:
     """Greedy importance-weighted per-neuron thresholds.
 
     ``scores``, ``gate``, ``up``: ``[N, d_ff]`` on held-out tokens (predictor score without
-    bias, true gate pre-activation, up projection); ``down_norms``: ``||W_down[:, i]||``."""
+    bias, true gate pre-activation, up projection); ``down_norms``: ``||W_down[:, i]||``;
+    ``iterations``: bisection steps of the price (each halves its ~160-nat log-range)."""
     if (target_sparsity is None) == (target_recall is None):
         raise InvalidOptionError("give exactly one of target_sparsity and target_recall")
     n, f = scores.shape
@@ -78,7 +79,7 @@ def calibrate_thresholds(scores: torch.Tensor, gate: torch.Tensor, up: torch.Ten
     # largest λ that still keeps recall >= target; for a sparsity target the smallest λ
     # that reaches it.
     lo, hi = 1e-30, max(cum_cost[-1].max().item(), 1e-20) * 10
-    for _ in range(60):
+    for _ in range(iterations):
         mid = (lo * hi) ** 0.5
         if reached(counts(mid)):
             hi = mid

@@ -62,8 +62,9 @@ class CpuExecutor(TorchExecutor):
         return super().linear(x, w)
 
     def rms_norm(self, x, weight, eps):
-        if x.numel() == x.shape[-1] and x.dtype == weight.dtype and native.supports(weight):
-            return native.rms_norm(x.reshape(-1), weight, eps).view(x.shape)
+        if x.dtype == weight.dtype and x.numel() <= BATCH_ROWS * x.shape[-1] and native.supports(weight):
+            rows = x.reshape(-1, x.shape[-1])   # a decode batch: each token as it would be alone
+            return torch.stack([native.rms_norm(r, weight, eps) for r in rows]).view(x.shape)
         return super().rms_norm(x, weight, eps)
 
     def decode_attention(self, qkv, cos, sin, cache_k, cache_v, slot, first, n_heads):
@@ -107,8 +108,16 @@ class CpuExecutor(TorchExecutor):
             if (x.dim() == 2 and x.shape[0] == 1 and w.act in ("relu", "silu")
                     and native.supports_dense_ffn(w.gate, w.up, w.down_t)):
                 return native.q_ffn_dense(x[0], w.gate, w.up, w.down_t, w.act).to(x.dtype).unsqueeze(0)
-            if x.dim() == 2 and native.supports_dense_ffn(w.gate, w.up, w.down_t):   # prefill
-                h = activate(native.q_gemm(w.gate, x), w.act) * native.q_gemm(w.up, x)
+            if (x.dim() == 2 and x.shape[0] <= BATCH_ROWS and not isinstance(w.down_t, TransposedRows)
+                    and w.act in ("relu", "silu") and native.supports_dense_ffn(w.gate, w.up, w.down_t)):
+                # a decode batch over a neuron-major down projection: the one-token kernel per
+                # token (the batched row sums add in another order)
+                return torch.stack([native.q_ffn_dense(r, w.gate, w.up, w.down_t, w.act) for r in x]).to(x.dtype)
+            if x.dim() == 2 and native.supports_dense_ffn(w.gate, w.up, w.down_t):   # prefill, batches
+                if w.act in ("relu", "silu"):   # each token's activation as the one-token kernel's
+                    h = native.act_mul(native.q_gemm(w.gate, x), native.q_gemm(w.up, x), w.act)
+                else:
+                    h = activate(native.q_gemm(w.gate, x), w.act) * native.q_gemm(w.up, x)
                 if isinstance(w.down_t, TransposedRows):
                     return native.q_gemm(w.down_t.stored, h).to(x.dtype)
                 return native.q_rows_gemm(w.down_t, h).to(x.dtype)   # neuron-major: row sums
@@ -122,10 +131,15 @@ class CpuExecutor(TorchExecutor):
 
     def reglu_sparse(self, x, w, p):
         if isinstance(w.gate, QuantRows):
-            if x.shape[0] == 1 and native.supports_ffn(w.gate, w.up, w.down_t) and (p is None or p.fp32):
-                out, n_cand, n_active = native.q_reglu_ffn(
-                    x[0], w.gate, w.up, w.down_t, *((None,) * 4 if p is None else (*p.fp32, p.packed)))
-                return out.to(x.dtype).unsqueeze(0), n_cand, n_active
+            if x.shape[0] <= BATCH_ROWS and native.supports_ffn(w.gate, w.up, w.down_t) and (p is None or p.fp32):
+                # A decode batch runs the one-token kernel per token: each token gathers its own
+                # rows (their union is most rows), and its result is the one-token result.
+                res = [native.q_reglu_ffn(x[i], w.gate, w.up, w.down_t,
+                                          *((None,) * 4 if p is None else (*p.fp32, p.packed)))
+                       for i in range(x.shape[0])]
+                out = torch.stack([r[0] for r in res]).to(x.dtype)
+                n = len(res)   # rows read per token, on average (each token read its own)
+                return out, sum(r[1] for r in res) / n, sum(r[2] for r in res) / n
             return super().reglu_sparse(x, w, p)
         if x.shape[0] == 1 and native.supports(w.gate, w.up, w.down_t, *(() if p is None else (p.a.t(), p.b.t()))):
             out, n_cand, n_active = native.reglu_ffn(
@@ -143,8 +157,8 @@ class CpuExecutor(TorchExecutor):
         k = w.k if k is None else k
         if isinstance(w.weight_t, QuantRows):
             if native.supports_quant(w.weight_t) and x.dim() == 2:
-                if x.shape[0] == 1 and k < w.weight_t.shape[0]:
-                    out = native.q_topk_linear(w.weight_t, x[0], k).to(x.dtype).unsqueeze(0)
+                if x.shape[0] <= BATCH_ROWS and k < w.weight_t.shape[0]:   # decode: per token, as alone
+                    out = torch.stack([native.q_topk_linear(w.weight_t, r, k) for r in x]).to(x.dtype)
                 else:   # prefill (K = all) or a batch: each token's kept entries, rows read once
                     masked = x if k >= w.weight_t.shape[0] else keep_topk(x, k)
                     out = native.q_rows_gemm(w.weight_t, masked).to(x.dtype)
@@ -157,6 +171,9 @@ class CpuExecutor(TorchExecutor):
 
 
 HUGE_PAGE = 2 << 20
+# Up to this many tokens (a continuously batched decode step, edgesparse/batching.py) the
+# gathering ops run their one-token kernel per token; more (prefill) take the masked GEMMs.
+BATCH_ROWS = 16
 
 
 def huge_page_copy(t: torch.Tensor) -> torch.Tensor:

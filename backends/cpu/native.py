@@ -48,7 +48,8 @@ _QUANT_ONLY_SIGNATURES = {"es_gemm": [_P, _P, _P, _I, _I, _I, _I, _P], "es_rows_
 # Kernels with one name for every format (the format is an argument: FMT_CODE).
 _PLAIN_SIGNATURES = {"es_ffn_dense_q": [_I, _I, _I, _I, _P, _P, _P, _I, _I, _P, _I, _P],
                      "es_decode_layers": [_P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _P],
-                     "es_swiglu": [_I, _P, _I, _I, _P]}
+                     "es_swiglu": [_I, _P, _I, _I, _P],
+                     "es_act_mul": [_P, _P, ctypes.c_int64, _I, _P]}
 
 
 def _build() -> tuple[ctypes.CDLL | None, str]:
@@ -317,4 +318,12 @@ def swiglu(gu: torch.Tensor) -> torch.Tensor:
     n, f = gu.shape[0], gu.shape[1] // 2
     out = torch.empty(n, f, dtype=gu.dtype)
     lib().es_swiglu(int(gu.dtype == torch.bfloat16), gu.data_ptr(), n, f, out.data_ptr())
+    return out
+
+
+def act_mul(g: torch.Tensor, u: torch.Tensor, act: str) -> torch.Tensor:
+    """``act(g) * u`` of fp32 ``g``, ``u`` as the fused single-token FFN computes it (decode_layer.c)."""
+    g, u = g.float().contiguous(), u.float().contiguous()
+    out = torch.empty_like(g)
+    lib().es_act_mul(g.data_ptr(), u.data_ptr(), g.numel(), int(act == "relu"), out.data_ptr())
     return out

@@ -173,7 +173,8 @@ def _add_more_commands(sub):
     p.add_argument("-o", "--output", required=True, help="artifact dir to write")
     p.add_argument("--data", nargs="+", default=None, help="text files (default: the embedded corpus)")
     p.add_argument("--tokens", type=_positive_int, default=None)
-    p.add_argument("--rank", type=_positive_int, default=None)
+    p.add_argument("--rank", type=_positive_int, default=None,
+                   help="one predictor rank for every layer (default: each layer's rank by the cost model)")
     p.add_argument("--float-predictor", action="store_true",
                    help="keep predictor factors in float (default: per-row int8 grid, half the bytes)")
     g = p.add_mutually_exclusive_group()
@@ -196,6 +197,8 @@ def _add_more_commands(sub):
     p.add_argument("--max-tokens", type=_positive_int, default=None)
     p.add_argument("--ffn-mode", choices=["dense", "exact", "predictor"], default=None)
     p.add_argument("--plot", default=None, help="PNG of per-layer sparsity and recall")
+    p.add_argument("--compare", default=None, metavar="ARTIFACTS",
+                   help="other artifacts of the same model: their perplexity on the same windows, paired")
     p.add_argument("--json", action="store_true")
 
     p = ev.add_parser("zeroshot", help="LAMBADA / PIQA / ARC-Easy / HellaSwag accuracy, dense vs sparse")
@@ -244,6 +247,8 @@ def _add_more_commands(sub):
                    help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API; '*' for any")
     p.add_argument("--max-body-mb", type=float, default=2.0, help="largest request body (413 above)")
     p.add_argument("--max-queue", type=_positive_int, default=128, help="requests waiting or running (503 above)")
+    p.add_argument("-np", "--parallel", type=_positive_int, default=1,
+                   help="requests decoded at once, continuously batched (default 1: one at a time)")
     p.add_argument("--stall-timeout", type=float, default=60.0,
                    help="seconds without decode progress, with work queued, before /health says degraded")
 
@@ -261,10 +266,16 @@ def cmd_calibrate(args):
     print(f"wrote {rep['artifacts']} in {rep['seconds']} s")
     if "topk" in rep:
         print(f"top-k: {json.dumps(rep['topk'])}")
-    print("layer  rank  gate_skip  recall  precision  natural")
+    if not rep["layers"]:
+        return
+    print("layer  mode       rank  gate_skip  recall  precision  natural  predictor_KB  FFN_KB/token")
     for l in rep["layers"]:
-        print(f"{l['layer']:5d}  {l['rank']:4d}  {l['gate_sparsity']:9.3f}  {l['recall']:6.3f}  "
-              f"{l['precision']:9.3f}  {l['natural_sparsity']:7.3f}")
+        kb = l["bytes"][l["mode"]] / 1024 if "bytes" in l else float("nan")
+        print(f"{l['layer']:5d}  {l.get('mode', 'predictor'):9s}  {l['rank']:4d}  {l['gate_sparsity']:9.3f}  "
+              f"{l['recall']:6.3f}  {l['precision']:9.3f}  {l['natural_sparsity']:7.3f}  "
+              f"{l.get('predictor_bytes', 0) / 1024:12.1f}  {kb:12.1f}")
+    print(f"gate rows skipped {rep['gate_sparsity']:.3f} (predictor layers {rep['gate_sparsity_predicted']:.3f}), "
+          f"recall {rep['recall']:.4f}, FFN bytes per token {rep['ffn_bytes_vs_dense']:.3f} of dense")
 
 
 def cmd_eval(args):
@@ -273,8 +284,10 @@ def cmd_eval(args):
     llm = load(args.model, backend=args.backend, dtype=args.dtype, artifacts=args.artifacts, weights=args.weights)
     if args.what == "zeroshot":
         return _zeroshot(llm, args)
+    other = None if args.compare is None else load(args.model, backend=args.backend, dtype=args.dtype,
+                                                   artifacts=args.compare, weights=args.weights)
     out = eval_ppl(llm, args.data, window=args.window, max_tokens=args.max_tokens, sparse_mode=args.ffn_mode,
-                   plot=args.plot)
+                   plot=args.plot, compare=other)
     if args.json:
         print(json.dumps(out))
     else:
@@ -301,9 +314,10 @@ def cmd_serve(args):
     key = args.api_key if args.api_key is not None else os.environ.get("EDGESPARSE_API_KEY")
     opts = ServeOptions(host=args.host, port=args.port, api_key=key,
                         allowed_hosts=args.allowed_host, cors_origins=args.cors_origin, max_body_mb=args.max_body_mb,
-                        max_queue=args.max_queue, stall_timeout_s=args.stall_timeout).validate()
+                        max_queue=args.max_queue, stall_timeout_s=args.stall_timeout,
+                        parallel=args.parallel).validate()
     llm = load(args.model, backend=args.backend, dtype=args.dtype, artifacts=args.artifacts, weights=args.weights)
-    print(f"edgesparse: serving {llm.name} ({llm.backend}, ffn mode {llm.model.ffn_mode}) "
+    print(f"edgesparse: serving {llm.name} ({llm.backend}, ffn mode {llm.model.ffn_mode}, {args.parallel} slot(s)) "
           f"at http://{args.host}:{args.port}/v1", flush=True)
     if not opts.loopback and opts.api_key is None:
         print("edgesparse: warning: listening beyond loopback without --api-key: anyone who can reach "

@@ -156,8 +156,9 @@ def weight_bytes_per_token(model, ffn_mode: str, topk: bool, stats: dict) -> int
     """The weight bytes one decode step streams: every matrix a dense step reads, less what a
     sparse step skips (Top-K: k of each Top-K matrix's input rows; FFN: the gate rows and the
     up/down rows the measured sparsities skip, plus the predictor), plus the lm_head and one
-    embedding row."""
-    from ..models.weights import TopKAttention
+    embedding row.  ``stats``: the sparse layers' pooled summary; a layer calibration left
+    dense (``ReGLUMLP.calibrated_mode``) reads its whole FFN."""
+    from ..models.weights import ReGLUMLP, TopKAttention
     total = _nbytes(model.lm_head.weight) + _nbytes(model.embed) // model.spec.vocab_size
     gate_keep = 1 - stats.get("gate_sparsity", 0.0)
     row_keep = 1 - stats.get("ffn_sparsity", 0.0)
@@ -170,7 +171,7 @@ def weight_bytes_per_token(model, ffn_mode: str, topk: bool, stats: dict) -> int
         else:
             total += _nbytes(attn.qkv.weight) + _nbytes(attn.o.weight)
         f = mlp.ffn
-        if ffn_mode == "dense":
+        if (mlp.effective_mode(ffn_mode) if isinstance(mlp, ReGLUMLP) else ffn_mode) == "dense":
             total += _nbytes(f.gate) + _nbytes(f.up) + _nbytes(f.down_t)
         else:
             total += _nbytes(f.gate) * gate_keep + (_nbytes(f.up) + _nbytes(f.down_t)) * row_keep

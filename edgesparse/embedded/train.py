@@ -1,11 +1,13 @@
-"""Train the embedded ``tiny`` ReGLU Llama (fixed seed, CPU, 36 min on 2 cores).
+"""Train the embedded ``tiny`` ReGLU Llama (fixed seed, CPU, 42 min on 2 cores).
 
-    python -m edgesparse.embedded.train --out edgesparse/embedded/tiny --minutes 36
+    apt-get download fortunes fortunes-min debian-handbook && for f in *.deb; do dpkg -x $f deb; done
+    python -m edgesparse.embedded.train --out edgesparse/embedded/tiny --minutes 42 --debian-dir deb
 
 The recipe follows ProSparse-style activation-sparsity training: a plain causal LM
 loss plus an L1 penalty on the ReGLU activations ``relu(gate(x))``, ramped up over
 training, so most gate pre-activations end up <= 0 for a given token (the natural
-sparsity the SVD predictors exploit).  The WikiText-2 *test* text is never read.
+sparsity the SVD predictors exploit).  The text is ``corpus.py``'s: English that reads like
+English (no ``<unk>``, no tokenised spacing).  The WikiText-2 *test* text is never read.
 """
 from __future__ import annotations
 
@@ -19,35 +21,20 @@ from pathlib import Path
 import torch
 
 from edgesparse.eval.data import find_data_dir
+from .corpus import load_corpus
 
-# Training text (see ../shared/data/README.md).  WikiText-2 test is evaluation-only.
+# The files `edgesparse calibrate` reads when given no --data (the first tiny's training
+# text; see ../shared/data/README.md).  WikiText-2 test is evaluation-only.
 CORPUS = {
-    "wikitext-2-tok-valid.txt": 3,  # repeat: closest to the evaluation domain
+    "wikitext-2-tok-valid.txt": 3,
     "tinyshakespeare.txt": 1,
     "ptb-valid.txt": 1,
     "ptb-test.txt": 1,
     "python-3.11-docs.rst.txt": 1,
 }
+# Repeats per corpus.py text: the demo prompts are encyclopaedic, WikiText is the shortest.
+REPEATS = {"wikitext-2-valid (detokenised, no <unk>)": 3}
 VOCAB = 8192
-
-
-def detok_wikitext(text: str) -> str:
-    # The tokenised WikiText splits hyphens/numbers as " @-@ "; the raw test set does not.
-    for a, b in ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", ".")):
-        text = text.replace(a, b)
-    return text
-
-
-def load_corpus(data_dir: Path, python_docs_chars: int) -> list[str]:
-    docs = []
-    for name, reps in CORPUS.items():
-        text = (data_dir / name).read_text(encoding="utf-8", errors="replace")
-        if name.startswith("wikitext"):
-            text = detok_wikitext(text)
-        if name.startswith("python"):
-            text = text[:python_docs_chars]
-        docs.extend([text] * reps)
-    return docs
 
 
 def build_tokenizer(docs: list[str], out: Path):
@@ -71,10 +58,10 @@ def build_tokenizer(docs: list[str], out: Path):
     return fast
 
 
-def make_config():
+def make_config(hidden=256, layers=4, heads=8, kv_heads=4, ffn=1024):
     from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=1024,
-                       num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=ffn,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                        hidden_act="relu", max_position_embeddings=1024, rms_norm_eps=1e-5,
                        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
                        rope_theta=10000.0, attention_bias=False, mlp_bias=False)
@@ -89,8 +76,13 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--target-sparsity", type=float, default=0.9,
                     help="natural FFN sparsity the L1 controller steers towards")
-    ap.add_argument("--python-docs-chars", type=int, default=3_000_000)
+    ap.add_argument("--python-docs-chars", type=int, default=1_000_000)
+    ap.add_argument("--debian-dir", type=Path, default=None,
+                    help="dir the fortunes and debian-handbook packages were unpacked into (dpkg -x)")
     ap.add_argument("--seed", type=int, default=0)
+    # the shape: the defaults are tiny's; other shapes train held-out checkpoints for calibration
+    for name, default in (("hidden", 256), ("layers", 4), ("heads", 8), ("kv-heads", 4), ("ffn", 1024)):
+        ap.add_argument(f"--{name}", type=int, default=default)
     args = ap.parse_args(argv)
 
     from transformers import LlamaForCausalLM
@@ -100,12 +92,15 @@ def main(argv=None):
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    docs = load_corpus(find_data_dir(), args.python_docs_chars)
+    texts = load_corpus(find_data_dir(), args.python_docs_chars, args.debian_dir)
+    for name, text in texts.items():
+        print(f"{name}: {len(text):,} chars x {REPEATS.get(name, 1)}", flush=True)
+    docs = [t for name, t in texts.items() for _ in range(REPEATS.get(name, 1))]
     tok = build_tokenizer(docs, out)
     ids = torch.tensor([t for d in docs for t in tok(d)["input_ids"] + [tok.eos_token_id]], dtype=torch.long)
     print(f"corpus tokens: {ids.numel():,}", flush=True)
 
-    cfg = make_config()
+    cfg = make_config(args.hidden, args.layers, args.heads, args.kv_heads, args.ffn)
     model = LlamaForCausalLM(cfg)
     print(f"params: {sum(p.numel() for p in model.parameters()):,}", flush=True)
     acts = []
@@ -151,7 +146,9 @@ def main(argv=None):
         step += 1
     # bf16 on disk keeps the shipped checkpoint under 16 MB; edgesparse loads it as fp32.
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
-    (out / "training_log.json").write_text(json.dumps(dict(args=vars(args), steps=step, log=log), indent=1))
+    run = dict(vars(args), debian_dir=args.debian_dir and str(args.debian_dir))
+    corpus = {name: dict(chars=len(t), repeats=REPEATS.get(name, 1)) for name, t in texts.items()}
+    (out / "training_log.json").write_text(json.dumps(dict(args=run, corpus=corpus, steps=step, log=log), indent=1))
     print(f"saved to {out} after {step} steps", flush=True)
 
 

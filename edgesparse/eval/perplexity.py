@@ -32,24 +32,45 @@ def window_nll(model, windows: torch.Tensor, sparse: bool, desc: str,
     return total, count
 
 
+def paired(nll_a: list[float], nll_b: list[float], tokens_per_window: int) -> dict:
+    """B against A on the same windows: the mean per-token NLL difference (B - A; negative:
+    B is better), its 95% interval over windows, and the share of windows where B is better.
+    Two methods whose perplexities differ by less than the noise of one run are told apart
+    only this way: each window's difficulty cancels in the difference."""
+    d = torch.tensor(nll_b, dtype=torch.float64) - torch.tensor(nll_a, dtype=torch.float64)
+    d = d / tokens_per_window
+    half = 1.96 * d.std().item() / math.sqrt(len(d)) if len(d) > 1 else float("inf")
+    return dict(windows=len(d), nll_diff_per_token=round(d.mean().item(), 6),
+                ci95=[round(d.mean().item() - half, 6), round(d.mean().item() + half, 6)],
+                b_better_share=round((d < 0).double().mean().item(), 4),
+                significant=bool(abs(d.mean().item()) > half))
+
+
 def eval_ppl(llm, data, window: int = 512, max_tokens: int | None = None, sparse_mode: str | None = None,
-             plot: str | None = None) -> dict:
-    """Dense and sparse perplexity of ``llm`` on ``data`` files; JSON-ready dict."""
+             plot: str | None = None, compare=None) -> dict:
+    """Dense and sparse perplexity of ``llm`` on ``data`` files, with the paired per-window
+    comparison of sparse against dense; with ``compare`` (a second LLM: the same model with
+    other artifacts) also its sparse perplexity and the paired comparison against ``llm``'s
+    sparse one.  JSON-ready dict."""
     model = llm.model
     text, summary = read_texts(data)
     windows = token_windows(llm.tokenizer, text, min(window, model.spec.max_positions), max_tokens)
     sparse_mode = sparse_mode or model.ffn_mode
     attn_mode = model.attn_mode
+    per = {"dense": []}
     with model.modes(ffn="dense", attn="dense"):
-        dense_nll, n = window_nll(model, windows, False, "dense ppl")
+        dense_nll, n = window_nll(model, windows, False, "dense ppl", per["dense"])
+    tpw = windows.shape[1] - 1
     out = dict(model=llm.name, data=[s["file"] for s in summary], tokens=n, window=windows.shape[1],
                dense_ppl=round(math.exp(dense_nll / n), 4))
     if (sparse_mode, attn_mode) != ("dense", "dense"):
         with model.modes(ffn=sparse_mode):
             model.stats.reset()
-            sparse_nll, _ = window_nll(model, windows, True, f"{sparse_mode}/{attn_mode} ppl")
+            per["sparse"] = []
+            sparse_nll, _ = window_nll(model, windows, True, f"{sparse_mode}/{attn_mode} ppl", per["sparse"])
             out.update(ffn_mode=sparse_mode, attn_mode=attn_mode, sparse_ppl=round(math.exp(sparse_nll / n), 4),
-                       ppl_gap_pct=round(100 * (math.exp((sparse_nll - dense_nll) / n) - 1), 4))
+                       ppl_gap_pct=round(100 * (math.exp((sparse_nll - dense_nll) / n) - 1), 4),
+                       sparse_vs_dense=paired(per["dense"], per["sparse"], tpw))
             if llm.artifacts is not None and llm.artifacts.manifest.get("topk"):
                 out["topk"] = llm.artifacts.manifest["topk"]
             if model.stats.total().neurons:
@@ -57,6 +78,14 @@ def eval_ppl(llm, data, window: int = 512, max_tokens: int | None = None, sparse
                 out["per_layer"] = [{k: round(v, 4) for k, v in d.items()} for d in model.stats.per_layer()]
                 if plot:
                     plot_layers(out["per_layer"], plot, title=f"{llm.name}: {sparse_mode} FFN")
+    if compare is not None:
+        other, per_b = compare.model, []
+        nll_b, _ = window_nll(other, windows, other.ffn_mode != "dense" or other.attn_mode != "dense",
+                              "compared ppl", per_b)
+        out["compared"] = dict(ffn_mode=other.ffn_mode, attn_mode=other.attn_mode,
+                               ppl=round(math.exp(nll_b / n), 4),
+                               ppl_gap_pct=round(100 * (math.exp((nll_b - dense_nll) / n) - 1), 4),
+                               vs_sparse=paired(per.get("sparse", per["dense"]), per_b, tpw))
     return out
 
 

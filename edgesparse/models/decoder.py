@@ -69,7 +69,8 @@ class DecoderModel:
             if not self.spec.is_reglu:
                 raise InvalidOptionError(f"ffn mode {mode!r} needs a ReGLU model (hidden_act=relu)")
             raise InvalidOptionError(f"ffn mode {mode!r} is not available on {type(mlp).__name__} layers")
-        if mode == "predictor" and any(l.mlp.predictor is None for l in self.layers):
+        if mode == "predictor" and any(l.mlp.predictor is None and l.mlp.calibrated_mode == "predictor"
+                                       for l in self.layers):
             raise InvalidOptionError("ffn mode 'predictor' needs calibration artifacts (see `edgesparse calibrate`)")
         self.ffn_mode = mode
 
@@ -129,18 +130,29 @@ class DecoderModel:
         sparse = T == 1 or sparse_prefill
         mode = self.ffn_mode if sparse else "dense"
         attn_sparse = sparse and self.attn_mode == "topk"
-        x = (self.embed.rows(ids.reshape(-1), self.dtype).view(B, T, -1) if isinstance(self.embed, QuantRows)
-             else F.embedding(ids, self.embed))
-        if self.in_rotation is not None:
-            x = self.ex.linear(x, self.in_rotation)
+        x = self._embed(ids)
         nq, nkv, hd = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.head_dim
         layers = self.layers
         if single and self.fused_decode:   # every layer in one executor call where it can
             done = self._decode_all(x, cache, cos, sin, start, first, mode, attn_sparse)
             if done is not None:
                 x, layers = done, ()
+
+        def attend(li, qkv):
+            if single:
+                return self.ex.decode_attention(qkv.view(-1), cos, sin, cache.k[li][0], cache.v[li][0],
+                                                start, first, s.n_heads).view(1, 1, nq)
+            q = qkv[..., :nq].view(B, T, s.n_heads, hd).transpose(1, 2)
+            k = qkv[..., nq:nq + nkv].view(B, T, s.n_kv_heads, hd).transpose(1, 2)
+            v = qkv[..., nq + nkv:].view(B, T, s.n_kv_heads, hd).transpose(1, 2)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
+            cache.k[li][:, :, start:end] = k
+            cache.v[li][:, :, start:end] = v
+            att = F.scaled_dot_product_attention(q, cache.k[li][:, :, :end], cache.v[li][:, :, :end],
+                                                 attn_mask=mask, enable_gqa=s.n_kv_heads != s.n_heads)
+            return att.transpose(1, 2).reshape(B, T, nq)
+
         for li, layer in enumerate(layers):
-            attn, mlp = layer.attn, layer.mlp
             step = self._layer_step(li, layer, mode, attn_sparse) if single and self.fused_decode else None
             done = step and self.ex.decode_layer(step, x.view(-1), cache.k[li][0], cache.v[li][0], cos, sin,
                                                  start, first)
@@ -149,34 +161,62 @@ class DecoderModel:
                 if step.ffn_sparse:
                     record_gather(self.stats.layer(li), 1, step.ffn.gate.shape[0], done[1], done[2])
                 continue
-            h = self.ex.rms_norm(x, attn.norm, s.eps)
-            qkv = attn.project(self.ex, h, "qkv", attn_sparse)
-            if single:
-                att = self.ex.decode_attention(qkv.view(-1), cos, sin, cache.k[li][0], cache.v[li][0],
-                                               start, first, s.n_heads).view(1, 1, nq)
-            else:
-                q = qkv[..., :nq].view(B, T, s.n_heads, hd).transpose(1, 2)
-                k = qkv[..., nq:nq + nkv].view(B, T, s.n_kv_heads, hd).transpose(1, 2)
-                v = qkv[..., nq + nkv:].view(B, T, s.n_kv_heads, hd).transpose(1, 2)
-                q, k = rope(q, cos, sin), rope(k, cos, sin)
-                cache.k[li][:, :, start:end] = k
-                cache.v[li][:, :, start:end] = v
-                att = F.scaled_dot_product_attention(q, cache.k[li][:, :, :end], cache.v[li][:, :, :end],
-                                                     attn_mask=mask, enable_gqa=s.n_kv_heads != s.n_heads)
-                att = att.transpose(1, 2).reshape(B, T, nq)
-            x = x + attn.project(self.ex, att, "o", attn_sparse)
-            if attn.adapter is not None:
-                x = self.ex.linear(x, attn.adapter)
-            h = self.ex.rms_norm(x, mlp.norm, s.eps)
-            x = x + mlp.run(self.ex, h, mode, self.stats.layer(li))
-            if layer.adapter is not None:
-                x = self.ex.linear(x, layer.adapter)
+            x = self._block(li, layer, x, attend, mode, attn_sparse)
         cache.length = end
+        logits = self._logits(x if all_logits else x[:, -1:])
+        return logits if all_logits else logits[:, -1]
+
+    def decode_rows(self, tokens: list[int], caches: list[KVCache], positions: list[int]) -> torch.Tensor:
+        """One decode step of ``len(tokens)`` independent sequences, each appending one token to
+        its own single-sequence cache at its own position (continuous batching,
+        ``edgesparse/batching.py``): every projection and FFN runs once for all the tokens, so
+        each weight streams once, and attention runs per sequence with the single-sequence op.
+        Returns logits ``[B, V]``."""
+        s, B = self.spec, len(tokens)
+        nq = s.n_heads * s.head_dim
+        for c in caches:
+            if c.length + 1 > c.k[0].shape[2]:
+                raise InvalidOptionError(f"sequence of {c.length + 1} tokens exceeds the cache ({c.k[0].shape[2]})")
+        starts = [c.length for c in caches]
+        firsts = [max(0, st + 1 - s.sliding_window) if s.sliding_window else 0 for st in starts]
+        cos, sin = self.cos[positions], self.sin[positions]
+        x = self._embed(torch.tensor(tokens, device=self.ex.device)[:, None])
+
+        def attend(li, qkv):
+            return torch.stack([self.ex.decode_attention(qkv[b].view(-1), cos[b], sin[b], caches[b].k[li][0],
+                                                         caches[b].v[li][0], starts[b], firsts[b], s.n_heads)
+                                for b in range(B)]).view(B, 1, nq)
+
+        for li, layer in enumerate(self.layers):
+            x = self._block(li, layer, x, attend, self.ffn_mode, self.attn_mode == "topk")
+        for c, st in zip(caches, starts):
+            c.valid[:, st] = True
+            c.length = st + 1
+        return self._logits(x)[:, -1]
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        B, T = ids.shape
+        x = (self.embed.rows(ids.reshape(-1), self.dtype).view(B, T, -1) if isinstance(self.embed, QuantRows)
+             else F.embedding(ids, self.embed))
+        return x if self.in_rotation is None else self.ex.linear(x, self.in_rotation)
+
+    def _block(self, li: int, layer: Layer, x, attend, mode: str, attn_sparse: bool):
+        """One decoder layer composed from executor ops; ``attend(li, qkv)`` is the attention."""
+        attn, mlp = layer.attn, layer.mlp
+        h = self.ex.rms_norm(x, attn.norm, self.spec.eps)
+        x = x + attn.project(self.ex, attend(li, attn.project(self.ex, h, "qkv", attn_sparse)), "o", attn_sparse)
+        if attn.adapter is not None:
+            x = self.ex.linear(x, attn.adapter)
+        h = self.ex.rms_norm(x, mlp.norm, self.spec.eps)
+        x = x + mlp.run(self.ex, h, mode, self.stats.layer(li))
+        if layer.adapter is not None:
+            x = self.ex.linear(x, layer.adapter)
+        return x
+
+    def _logits(self, x):
         if self.out_rotation is not None:
             x = self.ex.linear(x, self.out_rotation)
-        x = self.ex.rms_norm(x if all_logits else x[:, -1:], self.norm, s.eps)
-        logits = self.ex.linear(x, self.lm_head)
-        return logits if all_logits else logits[:, -1]
+        return self.ex.linear(self.ex.rms_norm(x, self.norm, self.spec.eps), self.lm_head)
 
     def _decode_all(self, x, cache, cos, sin, start, first, mode, attn_sparse):
         """x after every layer through ``Executor.decode_layers``, or None (then layer by layer)."""
@@ -187,8 +227,8 @@ class DecoderModel:
         if done is None:
             return None
         out, counts = done
-        if steps[0].ffn_sparse:
-            for li, (gate_rows, active) in enumerate(counts):
+        for li, (gate_rows, active) in enumerate(counts):
+            if steps[li].ffn_sparse:   # per layer: calibration may leave some layers dense
                 record_gather(self.stats.layer(li), 1, steps[li].ffn.gate.shape[0], gate_rows, active)
         return out.view(1, 1, -1)
 
@@ -206,8 +246,9 @@ class DecoderModel:
         usable_attn = type(attn) is Attention or (type(attn) is TopKAttention and attn_sparse)
         common = dict(n_heads=self.spec.n_heads, eps=self.spec.eps, attn_adapter=attn.adapter, adapter=layer.adapter)
         if usable_attn and type(mlp) in (GatedMLP, ReGLUMLP):
-            step = LayerStep(attn.norm, attn.qkv, attn.o, mlp.norm, mlp.ffn, mode in ("exact", "predictor"),
-                             pred if mode == "predictor" else None, **common)
+            eff = mlp.effective_mode(mode) if type(mlp) is ReGLUMLP else mode
+            step = LayerStep(attn.norm, attn.qkv, attn.o, mlp.norm, mlp.ffn, eff in ("exact", "predictor"),
+                             pred if eff == "predictor" else None, **common)
         elif usable_attn and type(mlp) is TopKMLP and mode == "topk":
             step = LayerStep(attn.norm, attn.qkv, attn.o, mlp.norm, None, False, None,
                              topk_mlp=(mlp.gate_up, mlp.down), **common)

@@ -58,9 +58,16 @@ class ReGLUMLP(GatedMLP):
     """A ReGLU FFN: dense, exact-sparse, or predictor-sparse once calibrated."""
     gate_linear: LinearWeights | None = None    # view of ffn.gate for the masked reference path
     predictor: PredictorWeights | None = None   # set by sparsity/svd_predictor.py
+    # What this layer runs when the model runs "predictor": calibration's cost model keeps
+    # the predictor only where it reads fewer bytes than exact mode or the dense FFN.
+    calibrated_mode: str = "predictor"
     modes: ClassVar[tuple[str, ...]] = ("dense", "exact", "predictor")
 
+    def effective_mode(self, mode: str) -> str:
+        return self.calibrated_mode if mode == "predictor" else mode
+
     def run(self, ex, h, mode, stats):
+        mode = self.effective_mode(mode)
         if mode == "dense":
             return _dense(ex, h, self.ffn)
         return reglu_forward(ex, h, self, mode, stats)

@@ -11,7 +11,7 @@ def attach_artifacts(model, path, with_topk: bool = True):
     from .artifacts import check_fingerprint, load_artifacts
     arts = load_artifacts(path)
     check_fingerprint(arts, model, path)
-    svd_predictor.apply(model, arts.tensors)
+    svd_predictor.apply(model, arts.tensors, arts.manifest.get("layers"))
     if with_topk:
         apply_topk(model, arts, path)
     return arts

@@ -48,8 +48,10 @@ class Artifacts:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
-    def has_predictors(self) -> bool:
-        return any(k.endswith(".predictor.a") for k in self.tensors)
+    def has_ffn_calibration(self) -> bool:
+        """Predictors, or per-layer FFN modes (a layer left exact or dense by the cost model)."""
+        return (any(k.endswith(".predictor.a") for k in self.tensors)
+                or any("mode" in layer for layer in self.manifest.get("layers", ())))
 
 
 def save_artifacts(out_dir, manifest: dict, tensors: dict[str, torch.Tensor]) -> Path:

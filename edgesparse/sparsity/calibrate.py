@@ -13,7 +13,6 @@ import torch
 from edgesparse.errors import InvalidOptionError
 from edgesparse.eval.data import read_texts, token_windows
 from edgesparse.models.taps import observe
-from edgesparse.predictors.svd import default_rank
 from edgesparse.progress import progress
 from . import larosa, svd_predictor
 from .artifacts import model_fingerprint, save_artifacts
@@ -96,8 +95,7 @@ def calibrate_model(model, tokenizer, out, data=None, tokens: int = DEFAULT_TOKE
         target_recall = DEFAULT_RECALL
     if tokens < 2 * window:
         raise InvalidOptionError(f"tokens must be at least {2 * window} (two windows), got {tokens}")
-    rank = rank or default_rank(s.hidden)
-    if not 1 <= rank <= s.hidden:
+    if rank is not None and not 1 <= rank <= s.hidden:
         raise InvalidOptionError(f"rank must be in [1, {s.hidden}], got {rank}")
     t0 = time.time()
     text, data_summary = read_texts(data or default_data())
@@ -110,7 +108,8 @@ def calibrate_model(model, tokenizer, out, data=None, tokens: int = DEFAULT_TOKE
     manifest = dict(fingerprint=model_fingerprint(model), weights=model.ex.weight_format or "float",
                     calibration=dict(files=data_summary, tokens=int(windows.numel()), window=windows.shape[1],
                                      svd_tokens=col.count_a, threshold_tokens=int(windows.numel()) - col.count_a,
-                                     rank=rank if s.is_reglu else None, target_sparsity=target_sparsity,
+                                     rank=(rank or "per layer") if s.is_reglu else None,
+                                     target_sparsity=target_sparsity,
                                      predictor_factors=("int8-rows" if int8_predictor else "float") if s.is_reglu else None,
                                      target_recall=target_recall if s.is_reglu else None),
                     layers=layers)
@@ -124,8 +123,12 @@ def calibrate_model(model, tokenizer, out, data=None, tokens: int = DEFAULT_TOKE
     path = save_artifacts(out, manifest, tensors)
     rep = dict(artifacts=str(path), seconds=round(time.time() - t0, 1), layers=layers)
     if layers:
+        pred = [l for l in layers if l["mode"] == "predictor"] or layers
         rep.update(gate_sparsity=round(sum(l["gate_sparsity"] for l in layers) / len(layers), 4),
-                   recall=round(sum(l["recall"] for l in layers) / len(layers), 4))
+                   gate_sparsity_predicted=round(sum(l["gate_sparsity"] for l in pred) / len(pred), 4),
+                   recall=round(sum(l["recall"] for l in layers) / len(layers), 4),
+                   ffn_bytes_vs_dense=round(sum(l["bytes"][l["mode"]] for l in layers)
+                                            / sum(l["bytes"]["dense"] for l in layers), 4))
     if want_topk:
         rep["topk"] = manifest["topk"]
     return rep

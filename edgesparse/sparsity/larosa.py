@@ -182,7 +182,7 @@ def _install(model, ex, dt, spec, ks, rot_attn, rot_mlp, scaled):
             new_mlp = mlp
         elif spec.is_reglu:
             ffn = ex.prepare_ffn(gate.to(dt), up.to(dt), down_t.T.to(dt), f.act)
-            new_mlp = ReGLUMLP(mlp_norm, ffn, ex.prepare_linear(ffn.gate), predictor)
+            new_mlp = ReGLUMLP(mlp_norm, ffn, ex.prepare_linear(ffn.gate), predictor, mlp.calibrated_mode)
         else:
             new_mlp = TopKMLP(mlp_norm, ex.prepare_topk(torch.cat([gate, up]).to(dt), None, ks["mlp"]),
                               ex.prepare_topk(down_t.T.to(dt), None, ks["down"]))

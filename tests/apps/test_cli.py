@@ -36,4 +36,11 @@ def test_calibrate_and_eval_ppl_cli(capsys, llama_relu, tmp_path):
                  "--window", "64", "--max-tokens", "512", "--json", "--plot", str(tmp_path / "p.png")]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["ffn_mode"] == "predictor" and (tmp_path / "p.png").stat().st_size > 1000
+    assert out["sparse_vs_dense"]["windows"] == 8
+    # the int8 and float predictors on the same windows, paired
+    assert main(["--quiet", "eval", "ppl", str(llama_relu), "--artifacts", str(tmp_path / "a"), "--data", str(data),
+                 "--window", "64", "--max-tokens", "512", "--json", "--compare", str(tmp_path / "fp")]) == 0
+    cmp = json.loads(capsys.readouterr().out)["compared"]
+    assert cmp["ffn_mode"] == "predictor" and cmp["vs_sparse"]["windows"] == 8 and cmp["ppl"] > 0
+    assert main(["--quiet", "eval", "ppl", str(llama_relu), "--data", str(data), "--compare", str(tmp_path / "no")]) == 2
     assert main(["calibrate", str(llama_relu), "-o", str(tmp_path / "b"), "--data", str(tmp_path / "none.txt")]) == 2

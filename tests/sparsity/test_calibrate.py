@@ -60,7 +60,7 @@ def test_int8_predictor_factors_are_packed_on_cpu_and_optional(llama_relu, arts,
     p = edgesparse.load(llama_relu, backend="cpu", artifacts=arts[0]).model.layers[0].mlp.predictor
     assert p.packed is not None and p.packed[0].dtype == torch.int8 and p.packed[0].shape == p.a.t().shape
     calibrate(llama_relu, tmp_path / "f", data=[textfile], backend="cpu", tokens=1024, rank=16, window=128,
-              int8_predictor=False)
+              target_sparsity=0.3, int8_predictor=False)
     assert json.loads((tmp_path / "f" / MANIFEST).read_text())["calibration"]["predictor_factors"] == "float"
     assert edgesparse.load(llama_relu, backend="cpu", artifacts=tmp_path / "f").model.layers[0].mlp.predictor.packed is None
 
@@ -141,3 +141,59 @@ def test_empty_or_missing_data(llama_relu, tmp_path):
 def test_swiglu_model_has_no_ffn_predictors(ckpt_factory, textfile, tmp_path):
     with pytest.raises(edgesparse.InvalidOptionError, match="ReGLU"):
         calibrate(ckpt_factory("llama", "silu"), tmp_path / "x", data=[textfile], backend="cpu")
+
+
+@pytest.mark.parametrize("over", [dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2),
+                                  dict(hidden_size=96, intermediate_size=320, num_attention_heads=3,
+                                       num_key_value_heads=1)], ids=["d64-gqa2", "d96-gqa3"])
+def test_per_layer_rank_and_mode_by_the_cost_model(ckpt_factory, textfile, tmp_path, over):
+    """Default calibration (no --rank, a recall target) searches each layer's rank over the
+    grid and keeps the cheapest of predictor, exact and dense; the manifest says which."""
+    from edgesparse.predictors.cost import rank_grid
+    path = ckpt_factory("llama", "relu", **over)
+    rep = calibrate(path, tmp_path / "a", data=[textfile], backend="cpu", tokens=4096, window=128)
+    d, f = over["hidden_size"], over.get("intermediate_size", 128)
+    m = json.loads((tmp_path / "a" / MANIFEST).read_text())
+    assert m["calibration"]["rank"] == "per layer"
+    for layer in m["layers"]:
+        assert layer["mode"] == min(layer["bytes"], key=layer["bytes"].get)   # a recall target: cheapest
+        tried = {int(r): v["bytes"] for r, v in layer["ranks_tried"].items()}
+        assert sorted(tried) == rank_grid(d, f)
+        if layer["mode"] == "predictor":
+            assert layer["rank"] == min(tried, key=tried.get)
+            assert layer["recall"] >= 0.985 and layer["predictor_bytes"] > 0
+        else:
+            assert layer["rank"] == 0 and layer["gate_sparsity"] == 0
+    assert rep["ffn_bytes_vs_dense"] == pytest.approx(
+        sum(l["bytes"][l["mode"]] for l in m["layers"]) / sum(l["bytes"]["dense"] for l in m["layers"]), abs=1e-3)
+    llm = edgesparse.load(path, backend="cpu", artifacts=tmp_path / "a")
+    assert llm.model.ffn_mode == "predictor"
+    assert len(llm.generate("to be or not", max_new_tokens=4).token_ids) == 4
+
+
+def test_layers_left_exact_or_dense_by_calibration(llama_relu, arts):
+    """A layer the cost model leaves exact runs every gate row; one left dense runs the dense
+    FFN: with both, "predictor" mode computes what dense mode does, native step or not."""
+    from edgesparse.sparsity import svd_predictor
+    from edgesparse.sparsity.artifacts import load_artifacts
+    llm = edgesparse.load(llama_relu, backend="cpu", dtype="fp32")
+    m = llm.model
+    tensors = {k: v for k, v in load_artifacts(arts[0]).tensors.items() if not k.startswith(("layers.0.", "layers.1."))}
+    svd_predictor.apply(m, tensors, [dict(layer=0, mode="exact"), dict(layer=1, mode="dense")])
+    m.set_ffn_mode("predictor")
+    ids = torch.tensor([[5, 9, 13, 17]])
+    with torch.no_grad():
+        out = {}
+        for mode in ("predictor", "dense"):
+            m.set_ffn_mode(mode)
+            m.stats.reset()
+            cache = m.new_cache(1, 8)
+            m.forward(ids, cache, torch.arange(4)[None])
+            out[mode] = m.forward(torch.tensor([[3]]), cache, torch.tensor([[4]]))
+            if mode == "predictor":
+                s0, s1 = m.stats.layer(0), m.stats.layer(1)
+                assert s0.tokens == 1 and s0.gate_rows == m.layers[0].mlp.ffn.gate.shape[0]
+                assert s1.tokens == 0
+    assert torch.allclose(out["predictor"], out["dense"], atol=1e-4)
+    with pytest.raises(edgesparse.ArtifactError, match="unknown calibrated mode"):
+        svd_predictor.apply(m, tensors, [dict(layer=0, mode="sometimes")])

@@ -103,6 +103,16 @@ void es_swiglu(int bf16, const void *gu, int n, int f, void *out) {
     free(a);
 }
 
+/* act(g) * u elementwise in fp32, the expression es_gate_up_* applies inside its dots: the
+ * dense FFN of several tokens (prefill, batched decode) uses it so a batched token's FFN is the
+ * single-token one to the bit (its GEMMs equal the GEMVs per token). */
+void es_act_mul(const float *g, const float *u, int64_t n, int relu, float *out) {
+    for (int64_t i = 0; i < n; i++) {
+        float v = g[i];
+        out[i] = (relu ? (v > 0.f ? v : 0.f) : v / (1.f + expf(-v))) * u[i];
+    }
+}
+
 /* The dense gated FFN of one token over block rows: act(gate . h) * (up . h), then the
  * down projection as a row sum over down_t, or (down_rows) as integer dots against W_down's
  * own rows, the faster kernel where the layout allows it; fp32 in and out.  Also the composed path's

@@ -38,6 +38,7 @@ void es_decode_layer(const ESLayer *L, void *x_io, void *cache_k, void *cache_v,
 void es_decode_layers(const ESLayer *const *L, int n, void *x_io, void *const *cache_k, void *const *cache_v,
                       const void *cos, const void *sin, int slot, int first, int nt, int64_t *counts);
 void es_swiglu(int bf16, const void *gu, int n, int f, void *out);
+void es_act_mul(const float *g, const float *u, int64_t n, int relu, float *out);
 void es_ffn_dense_q(int gate_fmt, int down_fmt, int relu, int down_rows, const uint8_t *gate, const uint8_t *up,
                     const uint8_t *down_t, int d, int f, const float *h, int nt, float *out);
 #endif

@@ -60,7 +60,7 @@ async def _cancel_on_disconnect(receive, worker: EngineWorker, job: Job) -> None
 
 def create_app(llm, opts: ServeOptions | None = None):
     opts = (opts or ServeOptions()).validate()
-    worker = EngineWorker(llm.engine, opts.max_queue, opts.stall_timeout_s)
+    worker = EngineWorker(llm.engine, opts.max_queue, opts.stall_timeout_s, opts.parallel)
     prep = PromptPrep(llm)
     model_id, created, ctx = llm.name, int(time.time()), llm.model.spec.max_positions
     chat_stop_ids = llm.chat_stop_ids()   # once: it walks the vocabulary
@@ -140,7 +140,7 @@ def create_app(llm, opts: ServeOptions | None = None):
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(render_metrics(worker, llm.model), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(render_metrics(worker, llm.model, opts.parallel), media_type="text/plain; version=0.0.4")
 
     @app.get("/health")
     async def health():

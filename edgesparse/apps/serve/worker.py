@@ -66,13 +66,20 @@ class Job:
 
 
 class EngineWorker:
-    """Runs jobs one at a time, in arrival order, on one background thread."""
+    """Runs jobs in arrival order on one background thread: one at a time (``slots`` 1, the
+    single-sequence decode path), or up to ``slots`` together, continuously batched
+    (``edgesparse/batching.py``): a job takes a free slot between two decode steps."""
 
-    def __init__(self, engine, max_queue: int = 128, stall_timeout_s: float = 60.0):
+    def __init__(self, engine, max_queue: int = 128, stall_timeout_s: float = 60.0, slots: int = 1):
         self.engine, self.max_queue, self.stall_timeout_s = engine, max_queue, stall_timeout_s
+        self.slots = slots
+        self.batch = None
+        if slots > 1:
+            from ...batching import BatchDecoder
+            self.batch = BatchDecoder(engine, slots)   # allocated now: a bad --parallel fails at start
         self._cv = threading.Condition()
         self._pending: deque[Job] = deque()
-        self.running: Job | None = None
+        self.active: dict[int, Job] = {}   # slot -> running job
         self.stopping = False
         self.counts = {"served": 0, "cancelled": 0, "failed": 0, "rejected": 0}
         # totals for /metrics (metrics.py): tokens, and the engine thread's seconds in prefill
@@ -88,11 +95,11 @@ class EngineWorker:
             if self.stopping:
                 raise RequestError("the server is shutting down", status=503, code="shutting_down",
                                    kind="server_error")
-            if len(self._pending) + (self.running is not None) >= self.max_queue:
+            if len(self._pending) + len(self.active) >= self.max_queue:
                 self.counts["rejected"] += 1
                 raise RequestError(f"the server is busy ({self.max_queue} requests queued); retry later",
                                    status=503, code="queue_full", kind="server_error")
-            if not self._pending and self.running is None:
+            if not self._pending and not self.active:
                 self.last_progress = time.monotonic()   # idle -> busy: the stall clock starts now
             self._pending.append(job)
             self._cv.notify()
@@ -118,15 +125,14 @@ class EngineWorker:
         with self._cv:
             self.stopping = True
             pending = list(self._pending)
-            running = self.running
-        for job in pending:
+            running = list(self.active.values())
+        for job in pending + running:
             self.cancel(job, "shutdown")
-        if running is not None:
-            self.cancel(running, "shutdown")
 
     def health(self) -> dict:
         with self._cv:
-            queued, busy = len(self._pending), self.running is not None or bool(self._pending)
+            queued, running = len(self._pending), len(self.active)
+            busy = bool(running or queued)
             counts = dict(self.counts)
         quiet_s = time.monotonic() - self.last_progress
         if self.stopping:
@@ -135,7 +141,7 @@ class EngineWorker:
             status = "degraded"
         else:
             status = "ok"
-        return {"status": status, "queued": queued, "running": int(self.running is not None),
+        return {"status": status, "queued": queued, "running": running, "slots": self.slots,
                 "seconds_since_progress": round(quiet_s, 3) if busy else 0.0, **counts}
 
     def totals_snapshot(self) -> dict:
@@ -144,18 +150,23 @@ class EngineWorker:
 
     # -- the engine thread ------------------------------------------------------------------------
     def _end(self, job: Job, kind: str, data=None) -> None:
-        if job.claim_end(kind):      # counted before the reader can see the end
+        if job.claim_end(kind):      # counted, and no longer running, before the reader can see the end
             key = {"finished": "served", "error": "failed"}.get(kind, "cancelled")
             with self._cv:
                 self.counts[key] += 1
+                for slot, j in list(self.active.items()):
+                    if j is job:
+                        del self.active[slot]
             job._post(("end", kind, data))
 
     def _loop(self) -> None:
+        if self.batch is not None:
+            return self._loop_batched()
         while True:
             with self._cv:
                 while not self._pending:
                     self._cv.wait()
-                job = self.running = self._pending.popleft()
+                job = self.active[0] = self._pending.popleft()
                 self.last_progress = time.monotonic()
             try:
                 self._run(job)
@@ -164,8 +175,83 @@ class EngineWorker:
                 self._end(job, "error", RequestError("internal error", status=500, kind="server_error"))
             finally:
                 with self._cv:
-                    self.running = None
+                    self.active.pop(0, None)
                     self.last_progress = time.monotonic()
+
+    # -- continuous batching (slots > 1) ------------------------------------------------------------
+    def _loop_batched(self) -> None:
+        """Admit queued jobs into free slots, then one decode step for every running job."""
+        dec = self.batch
+        while True:
+            with self._cv:
+                while not self._pending and not self.active:
+                    self._cv.wait()
+                free = [i for i, s in enumerate(dec.seqs) if s is None and i not in self.active]
+                admit = []
+                while self._pending and free:
+                    slot = free.pop(0)
+                    admit.append((slot, self._pending.popleft()))
+                    self.active[slot] = admit[-1][1]
+                self.last_progress = time.monotonic()
+            for slot, job in admit:
+                self._admit(slot, job)
+            t0 = time.monotonic()
+            try:
+                stepped = dec.step()
+            except BaseException:   # a failed step fails its jobs, never the thread
+                traceback.print_exc(file=sys.stderr)
+                for slot, job in list(self.active.items()):
+                    self._end(job, "error", RequestError("internal error while decoding", status=500,
+                                                         kind="server_error"))
+                    if dec.seqs[slot] is not None:
+                        dec.release(slot)
+                continue
+            with self._cv:
+                self.totals["decode_seconds"] += time.monotonic() - t0
+                self.last_progress = time.monotonic()
+            for slot in stepped:
+                job = self.active.get(slot)
+                if job is not None:
+                    self._deliver(slot, job)
+
+    def _admit(self, slot: int, job: Job) -> None:
+        dec, t0 = self.batch, time.monotonic()
+        if job.cancelled.is_set():
+            self._end(job, job.cancel_kind)
+            return
+        try:
+            dec.admit(job.prompt_ids, job.params, slot)
+        except EdgeSparseError as e:
+            self._end(job, "error", RequestError(str(e)))
+            return
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            self._end(job, "error", RequestError("internal error while decoding", status=500, kind="server_error"))
+            return
+        with self._cv:
+            self.totals["prompt_tokens"] += len(job.prompt_ids)
+            self.totals["prefill_seconds"] += time.monotonic() - t0
+        job.emit("start", len(job.prompt_ids))
+        self._deliver(slot, job)
+
+    def _deliver(self, slot: int, job: Job) -> None:
+        """Send the slot's new text; end the job if it finished or was cancelled."""
+        dec = self.batch
+        s = dec.seqs[slot]
+        if job.cancelled.is_set():
+            dec.release(slot)
+            self._end(job, job.cancel_kind)
+            return
+        piece = s.text.piece(s.row.ids, final=s.finished)
+        if piece:
+            job.emit("text", piece)
+        if s.finished:
+            n = len(s.row.ids)
+            dec.release(slot)
+            with self._cv:
+                self.totals["completion_tokens"] += n
+            self._end(job, "finished", {"finish_reason": s.row.done or "length",
+                                        "prompt_tokens": len(job.prompt_ids), "completion_tokens": n})
 
     def _account(self, prompt_tokens: int, seen: dict, t_start: float) -> None:
         now, first = time.monotonic(), seen["first"]
