@@ -214,8 +214,10 @@ class Executor(ABC):
                      p: PredictorWeights | None) -> tuple[torch.Tensor, int, int]:
         """ReGLU FFN of ``x [B, d]`` reading only the rows that matter: candidates from the
         predictor ``p`` (every neuron when None: exact mode), the gate for candidates, up/down
-        where ReLU(gate) > 0 for some row.  Returns ``(out [B, d], candidates, active)``; the
-        counts are ints, or 0-d device tensors where reading them would stall the device.
+        where ReLU(gate) > 0 for some row.  Returns ``(out [B, d], candidates, active)``: rows
+        read per token (an op that gathers once for the batch: the union; one that runs each
+        token alone, as the cpu backend does for decode batches: the mean over the tokens);
+        ints or floats, or 0-d device tensors where reading them would stall the device.
         Backends may fuse this; the default composes the operations above."""
         if p is None:
             h = torch.relu(self.linear(x, LinearWeights(w.gate)))

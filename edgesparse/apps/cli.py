@@ -97,7 +97,7 @@ def cmd_demo(args):
     sparse_mode = llm.model.ffn_mode
     print(f"edgesparse demo: embedded 'tiny' ReGLU model on backend {llm.backend}")
     print(f"prompt: {args.prompt!r}\n")
-    speed = {}
+    speed, rows = {}, []
     modes = ("dense", "exact", "predictor") if sparse_mode == "predictor" else ("dense", sparse_mode)
     for mode in modes:
         llm.set_ffn_mode(mode)
@@ -106,9 +106,14 @@ def cmd_demo(args):
         out = llm.generate(args.prompt, max_new_tokens=args.max_new_tokens, stop_token_ids=[])
         s = llm.model.stats.summary()
         speed[mode] = out.tokens_per_s
+        rows.append((mode, out.tokens_per_s, s["ffn_sparsity"], s["gate_sparsity"], out.token_ids))
         print(f"[{mode}] {out.tokens_per_s:.1f} tok/s, FFN sparsity {s['ffn_sparsity']:.1%}"
               + (f", gate rows skipped {s['gate_sparsity']:.1%}" if mode == "predictor" else ""))
         print(args.prompt + out.text + "\n")
+    print("mode       tok/s  vs dense  FFN rows skipped  gate rows skipped  text")
+    for mode, tps, ffn, gate, ids in rows:
+        same = "same as dense" if ids == rows[0][4] else "differs from dense"
+        print(f"{mode:9s} {tps:6.0f}  {tps / rows[0][1]:7.2f}x  {ffn:16.1%}  {gate:17.1%}  {same}")
     if max(speed[m] for m in modes[1:]) < speed["dense"]:
         print("note: 'tiny' (d=256, d_ff=1024) is too small for the skipped FFN rows to outweigh the\n"
               "per-op overhead of the sparse path; see `edgesparse bench decode --synthetic tinyllama-1.1b`\n"
