@@ -1,8 +1,8 @@
 """``edgesparse serve`` with 1 slot against N continuously batched slots, one sitting: 32
-concurrent clients (OpenAI completions, greedy, streamed), each asking for the same number
+concurrent clients (OpenAI chat completions asking for a story, greedy, streamed), each asking for the same number
 of tokens (an answer may stop earlier at its end token: throughput counts the tokens made).  Prints JSON: aggregate tokens/s, time to first token and request latency
-(medians and p90), whether every answer equals the 1-slot server's, and the machine's read
-bandwidth.  Not part of CI.
+(medians and p90), whether every answer equals the 1-slot server's, the in-process time of one
+decode step of 1, 2, 4 and 8 sequences, and the machine's read bandwidth.  Not part of CI.
 
     python bench/serve_parallel.py [--model models/SmolLM2-135M-Instruct.Q4_1.gguf] [--slots 4]
         [--clients 32] [--tokens 32] [--threads 2] [--out bench/results/serve_parallel.json]
@@ -26,12 +26,16 @@ from serve_util import Server  # noqa: E402  (the test suite's server launcher)
 
 
 def one(base: str, prompt: str, tokens: int) -> dict:
-    body = {"model": "m", "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True}
+    model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
+            "temperature": 0, "stream": True}
     t0, first, text = time.perf_counter(), None, ""
-    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=600) as r:
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=600) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{r.status_code}: {r.read().decode()}")
         for line in r.iter_lines():
             if line.startswith("data: {"):
-                piece = json.loads(line[6:])["choices"][0]["text"]
+                piece = json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
                 if piece and first is None:
                     first = time.perf_counter()
                 text += piece
@@ -54,6 +58,41 @@ def run(base: str, prompts: list[str], tokens: int) -> dict:
                 texts=[r["text"] for r in res])
 
 
+def step_times(model_path: str, rows=(1, 2, 4, 8), steps: int = 20) -> dict:
+    """In-process ms per decode step: the single-sequence step for 1 row (what one slot runs),
+    ``DecoderModel.decode_rows`` for more (what a batched step runs), after a 10-token prompt."""
+    import torch
+    import edgesparse
+    llm = edgesparse.load(model_path, backend="cpu")
+    m, ids = llm.model, llm.engine.encode("Write a long story about a lighthouse keeper.")
+
+    def prefilled():
+        c = m.new_cache(1, len(ids) + 2 * steps + 8)
+        m.forward(torch.tensor([ids]), c, torch.arange(len(ids))[None])
+        return c
+    out = {}
+    with torch.inference_mode():
+        for b in rows:
+            caches = [prefilled() for _ in range(b)]
+
+            def one_step():
+                if b == 1:
+                    c = caches[0]
+                    m.forward(torch.tensor([[5]]), c, torch.tensor([[c.length]]))
+                else:
+                    m.decode_rows([5] * b, caches, [c.length for c in caches])
+            for _ in range(3):
+                one_step()
+            t = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                one_step()
+                t.append(time.perf_counter() - t0)
+            ms = statistics.median(t) * 1e3
+            out[str(b)] = dict(ms_per_step=round(ms, 2), tok_s=round(1000 * b / ms, 1))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
@@ -69,9 +108,12 @@ def main():
     from edgesparse.benchmarks.ffn import read_bandwidth_gbs
     torch.set_num_threads(a.threads)
     bw = read_bandwidth_gbs(CpuExecutor("cpu"))
-    prompts = [f"Question {i}: what is the tallest mountain you know of, and why?" for i in range(a.clients)]
+    topics = ["a lighthouse keeper", "a lost cat", "the first day of school", "a storm at sea", "a robot chef",
+              "an old map", "a mountain village", "a broken clock"]
+    prompts = [f"Write a long story about {topics[i % len(topics)]} (number {i})." for i in range(a.clients)]
     out = dict(model=Path(a.model).name, clients=a.clients, tokens_each=a.tokens, threads=a.threads,
                bandwidth_gbs=round(bw, 2))
+    out["decode_step"] = step_times(a.model)
     for slots in (1, a.slots):
         s = Server(a.model, "--parallel", str(slots))
         try:
