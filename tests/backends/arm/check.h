@@ -95,6 +95,7 @@ static inline uint8_t *random_rows(int fmt, int n, int d) {
 static inline uint16_t to_bf16(float f) { uint32_t u; memcpy(&u, &f, 4); u += 0x7fff + ((u >> 16) & 1); return (uint16_t)(u >> 16); }
 static inline float from_bf16(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 extern int fails;   /* check_quant.c */
+int check_vectors(const char *path);   /* check_vectors.c */
 /* max |got - want| <= tol * max(1, max |want|), else one FAIL line (check_quant.c) */
 void check(const char *what, int fmt, int n, int d, const float *got, const double *want, int len, double tol);
 

@@ -143,7 +143,11 @@ static void check_more(int fmt, int n, int d, int nt) {
     free(want); free(h);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+    if (argc > 1) {   /* the torch reference's stored vectors (vectors.py) */
+        int n = check_vectors(argv[1]);
+        printf("%d stored vectors\n", n);
+    }
     check_ops();
     for (int fmt = Q8; fmt <= Q41; fmt++)
         for (int nt = 1; nt <= 2; nt++) {
