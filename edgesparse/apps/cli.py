@@ -193,6 +193,8 @@ def _add_more_commands(sub):
                    help="LaRoSA basis: one per layer, one per attention/MLP input, or one for the model")
     p.add_argument("--topk-scaled", action="store_true",
                    help="rank Top-K entries by |x|·||W[:, j]|| instead of |x| (see docs/accuracy.md)")
+    p.add_argument("--topk-allocation", choices=["uniform", "greedy"], default="uniform",
+                   help="the same K in every layer, or per-layer K by the greedy error allocation")
     p.add_argument("--json", action="store_true")
 
     ev = sub.add_parser("eval", help="evaluate quality dense vs sparse").add_subparsers(dest="what", required=True)
@@ -265,7 +267,8 @@ def cmd_calibrate(args):
                     tokens=args.tokens or DEFAULT_TOKENS, rank=args.rank, target_sparsity=args.target_sparsity,
                     target_recall=args.target_recall, attn_sparsity=args.attn_sparsity,
                     mlp_sparsity=args.mlp_sparsity, topk_method=args.topk_method, rotation=args.rotation,
-                    topk_scaled=args.topk_scaled, int8_predictor=not args.float_predictor)
+                    topk_scaled=args.topk_scaled, int8_predictor=not args.float_predictor,
+                    topk_allocation=args.topk_allocation)
     if args.json:
         print(json.dumps(rep))
         return

@@ -69,7 +69,7 @@ def calibrate_model(model, tokenizer, out, data=None, tokens: int = DEFAULT_TOKE
                     target_sparsity: float | None = None, target_recall: float | None = None,
                     attn_sparsity: float | None = None, mlp_sparsity: float | None = None,
                     topk_method: str = "rotated", rotation: str = "shared", topk_scaled: bool = False,
-                    window: int = 256, int8_predictor: bool = True) -> dict:
+                    window: int = 256, int8_predictor: bool = True, topk_allocation: str = "uniform") -> dict:
     """Calibrate a loaded model and write artifacts to ``out``: FFN predictors for ReGLU
     models (factors on a per-row int8 grid unless ``int8_predictor=False``, see
     ``predictors/int8.py``), and Top-K (LaRoSA-rotated or magnitude) sizes and rotations when
@@ -89,6 +89,9 @@ def calibrate_model(model, tokenizer, out, data=None, tokens: int = DEFAULT_TOKE
             raise InvalidOptionError(f"{name} must be in (0, 1), got {v}")
     if topk_method not in ("rotated", "magnitude"):
         raise InvalidOptionError(f"topk method must be rotated or magnitude, got {topk_method!r}")
+    if topk_allocation not in larosa.ALLOCATIONS:
+        raise InvalidOptionError(f"top-k allocation must be one of {', '.join(larosa.ALLOCATIONS)}, "
+                                 f"got {topk_allocation!r}")
     if rotation not in larosa.ROTATIONS:
         raise InvalidOptionError(f"rotation must be one of {', '.join(larosa.ROTATIONS)}, got {rotation!r}")
     if target_sparsity is None and target_recall is None:
@@ -114,12 +117,13 @@ def calibrate_model(model, tokenizer, out, data=None, tokens: int = DEFAULT_TOKE
                                      target_recall=target_recall if s.is_reglu else None),
                     layers=layers)
     if want_topk:
-        if topk_method == "rotated":
-            tensors.update(larosa.fit_rotations(model, col.gram, rotation))
+        rot = larosa.fit_rotations(model, col.gram, rotation) if topk_method == "rotated" else None
+        tensors.update(rot or {})
+        ks = (larosa.topk_sizes(s, attn_sparsity, mlp_sparsity) if topk_allocation == "uniform"
+              else larosa.allocate_topk(model, col.gram, rot, attn_sparsity, mlp_sparsity))
         manifest["topk"] = dict(method=topk_method, rotation=rotation if topk_method == "rotated" else None,
-                                scaled=bool(topk_scaled),
-                                attn_sparsity=attn_sparsity, mlp_sparsity=mlp_sparsity,
-                                k=larosa.topk_sizes(s, attn_sparsity, mlp_sparsity))
+                                scaled=bool(topk_scaled), allocation=topk_allocation,
+                                attn_sparsity=attn_sparsity, mlp_sparsity=mlp_sparsity, k=ks)
     path = save_artifacts(out, manifest, tensors)
     rep = dict(artifacts=str(path), seconds=round(time.time() - t0, 1), layers=layers)
     if layers:

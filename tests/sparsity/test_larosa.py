@@ -159,3 +159,31 @@ def test_a_checkpoint_gone_since_load_is_a_clear_error(ckpt_factory, textfile, t
     shutil.rmtree(copy)
     with pytest.raises(ModelFilesError, match="cannot re-read"):
         attach_artifacts(llm.model, tmp_path / "a")
+
+
+@pytest.mark.parametrize("method", ["rotated", "magnitude"])
+def test_greedy_allocation_keeps_the_model_level_sparsity(ckpt_factory, textfile, tmp_path, method):
+    """--topk-allocation greedy: per-layer K within target ± 0.1 whose mean block sparsity is
+    the target, stored per layer in the manifest, installed per layer and decoded."""
+    import json
+    from edgesparse.sparsity.larosa import _block_ks
+    path = ckpt_factory("llama", "silu", num_hidden_layers=4)
+    rep = calibrate(path, tmp_path / "a", data=[textfile], backend="cpu", tokens=1024, window=128,
+                    attn_sparsity=0.4, mlp_sparsity=0.3, topk_method=method, topk_allocation="greedy")
+    ks = json.loads((tmp_path / "a" / "manifest.json").read_text())["topk"]["k"]
+    assert rep["topk"]["allocation"] == "greedy" and len(ks) == 4
+    llm = edgesparse.load(path, backend="cpu", artifacts=tmp_path / "a")
+    spec = llm.model.spec
+    for site, target in (("attn", 0.4), ("mlp", 0.3)):
+        levels = [k[f"{site}_sparsity"] for k in ks]
+        assert sum(levels) / 4 == pytest.approx(target) and all(target - 0.1 - 1e-9 <= v <= target + 0.1 + 1e-9
+                                                                 for v in levels)
+        for li, (k, layer) in enumerate(zip(ks, llm.model.layers)):
+            names = ("qkv", "o") if site == "attn" else ("mlp", "down")
+            assert (k[names[0]], k[names[1]]) == _block_ks(spec, site, levels[li])
+            w = (layer.attn.qkv, layer.attn.o) if site == "attn" else (layer.mlp.gate_up, layer.mlp.down)
+            assert (w[0].k, w[1].k) == (k[names[0]], k[names[1]])
+    assert len(llm.generate("the history", max_new_tokens=4).token_ids) == 4
+    with pytest.raises(edgesparse.InvalidOptionError, match="allocation"):
+        calibrate(path, tmp_path / "b", data=[textfile], backend="cpu", tokens=1024, window=128,
+                  attn_sparsity=0.4, topk_allocation="best")
