@@ -48,26 +48,24 @@ def main():
     prompt = "The capital of France is"
     kw = dict(max_new_tokens=64, stop_token_ids=[])
     ttft = llm.generate(prompt, max_new_tokens=1).prefill_s   # the first call: nothing warmed
-    samples, tokens = {"native_layer": [], "composed": []}, {}
-    for _ in range(a.rounds):
-        for name, fused in (("native_layer", True), ("composed", False)):
-            llm.model.fused_decode = fused
-            c = llm.generate(prompt, **kw)
-            samples[name].append(round(c.tokens_per_s, 2))
-            tokens[name] = c.token_ids
-    llm.model.fused_decode = True
+    samples, tokens = {}, {}
+
+    def interleaved(model_llm, native: str, composed: str):
+        """``a.rounds`` rounds of the native layer step and the composed ops, alternating."""
+        samples[native], samples[composed] = [], []
+        for _ in range(a.rounds):
+            for name, fused in ((native, True), (composed, False)):
+                model_llm.model.fused_decode = fused
+                c = model_llm.generate(prompt, **kw)
+                samples[name].append(round(c.tokens_per_s, 2))
+                tokens[name] = c.token_ids
+        model_llm.model.fused_decode = True
+    interleaved(llm, "native_layer", "composed")
     with tempfile.TemporaryDirectory() as tmp:   # calibrate's default text (never WikiText-2 test)
         arts = edgesparse.calibrate(a.gguf, f"{tmp}/a", backend="cpu", tokens=4096, attn_sparsity=0.25,
                                     mlp_sparsity=0.25)["artifacts"]
         topk = edgesparse.load(a.gguf, backend="cpu", artifacts=arts)
-        samples["topk25"], samples["topk25_composed"] = [], []
-        for _ in range(a.rounds):   # the native layer step (Top-K SwiGLU, adapters) and the composed ops
-            for name, fused in (("topk25", True), ("topk25_composed", False)):
-                topk.model.fused_decode = fused
-                c = topk.generate(prompt, **kw)
-                samples[name].append(round(c.tokens_per_s, 2))
-                tokens[name] = c.token_ids
-        topk.model.fused_decode = True
+        interleaved(topk, "topk25", "topk25_composed")   # the native step: Top-K SwiGLU, adapters
     pp = {}
     if not a.no_prompt:   # 512 prompt tokens of calibrate's default text, then one new token
         from edgesparse.sampling import SamplingParams

@@ -93,7 +93,6 @@ def allocate_topk(model, gram: dict, rot: dict, attn_sparsity, mlp_sparsity, ste
     (``_dropped_share``, from the calibration Gram and the weight's column norms in the rotated
     basis: WINA's weighting), an estimate, checked end to end by ``eval ppl --compare``."""
     spec = model.spec
-    nq, nkv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
     curves = {"attn": [], "mlp": []}
     for i, layer in enumerate(model.layers):
         mats = _float_layer(model, i, layer)

@@ -191,3 +191,36 @@ def test_prompt_prep_without_a_chat_template_names_messages(llama_relu):
     with pytest.raises(RequestError) as e:
         PromptPrep(llm)._ids(req)
     assert e.value.param == "messages" and "no chat template" in str(e.value)
+
+
+def test_batched_slots_survive_a_failed_step_and_a_bad_job():
+    """--parallel: a step that raises fails the running jobs, a job that cannot fit fails
+    alone; the thread lives on, the slots free up and the next jobs are served."""
+    import edgesparse
+    from edgesparse.sampling import SamplingParams
+    eng = edgesparse.load("tiny", backend="cpu", weights="q4_0").engine
+
+    async def main():
+        w = EngineWorker(eng, slots=2)
+        loop = asyncio.get_running_loop()
+        real, calls = w.batch.step, {"n": 0}
+
+        def flaky():
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("boom")
+            return real()
+        w.batch.step = flaky
+        p = SamplingParams(max_new_tokens=6, stop_token_ids=[])
+        first = [w.submit(Job(loop, eng.encode("The river"), p)) for _ in range(2)]
+        for j in first:
+            assert terminal(await collect(j, 30))[1] == "error"
+        too_long = w.submit(Job(loop, [1] * 10, SamplingParams(max_new_tokens=10**6)))
+        ok = w.submit(Job(loop, eng.encode("The river"), p))
+        end_bad, end_ok = terminal(await collect(too_long, 30)), terminal(await collect(ok, 30))
+        assert end_bad[1] == "error" and "context" in str(end_bad[2])
+        assert end_ok[1] == "finished" and end_ok[2]["completion_tokens"] == 6
+        h = w.health()
+        assert w.thread.is_alive() and h["running"] == 0 and h["failed"] == 3 and h["served"] == 1
+        assert w.batch.free() == 2
+    asyncio.run(main())

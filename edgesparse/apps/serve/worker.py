@@ -193,26 +193,26 @@ class EngineWorker:
                     admit.append((slot, self._pending.popleft()))
                     self.active[slot] = admit[-1][1]
                 self.last_progress = time.monotonic()
-            for slot, job in admit:
-                self._admit(slot, job)
-            t0 = time.monotonic()
             try:
+                for slot, job in admit:
+                    self._admit(slot, job)
+                t0 = time.monotonic()
                 stepped = dec.step()
+                with self._cv:
+                    self.totals["decode_seconds"] += time.monotonic() - t0
+                    self.last_progress = time.monotonic()
+                for slot in stepped:
+                    job = self.active.get(slot)
+                    if job is not None:
+                        self._deliver(slot, job)
             except BaseException:   # a failed step fails its jobs, never the thread
                 traceback.print_exc(file=sys.stderr)
                 for slot, job in list(self.active.items()):
                     self._end(job, "error", RequestError("internal error while decoding", status=500,
                                                          kind="server_error"))
-                    if dec.seqs[slot] is not None:
+                for slot in range(dec.slots):
+                    if dec.seqs[slot] is not None and slot not in self.active:
                         dec.release(slot)
-                continue
-            with self._cv:
-                self.totals["decode_seconds"] += time.monotonic() - t0
-                self.last_progress = time.monotonic()
-            for slot in stepped:
-                job = self.active.get(slot)
-                if job is not None:
-                    self._deliver(slot, job)
 
     def _admit(self, slot: int, job: Job) -> None:
         dec, t0 = self.batch, time.monotonic()

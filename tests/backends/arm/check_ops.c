@@ -227,8 +227,11 @@ static void check_layer(int nt, int topk, int down_rows, int sparse, int pred, i
         printf("FAIL decode layers != layer by layer (topk=%d sparse=%d pred=%d nt=%d)\n", topk, sparse, pred, nt);
         fails++;
     }
-    /* bf16 activations, norms, RoPE rows and cache: the same layer within bf16's rounding (and
-     * the Top-K entries it flips; a wrong layout or conversion is off by the values themselves) */
+    /* bf16 activations, norms, RoPE rows and cache: the same layer within bf16's rounding (a
+     * wrong layout or conversion is off by the values themselves).  Dense q/k/v only: with
+     * Top-K, bf16's rounding may flip which entries are kept, and the fp32 check above already
+     * holds the Top-K path to its kernels bit for bit. */
+    if (topk) goto done;
     uint16_t x16[D], an16[D], mn16[D], cs16[HD], sn16[HD], k16[KV * L * HD], v16[KV * L * HD];
     for (int i = 0; i < D; i++) { x16[i] = to_bf16(x0[i]); an16[i] = to_bf16(an[i]); mn16[i] = to_bf16(mn[i]); }
     for (int i = 0; i < HD; i++) { cs16[i] = to_bf16(cs[i]); sn16[i] = to_bf16(sn[i]); }
@@ -245,7 +248,8 @@ static void check_layer(int nt, int topk, int down_rows, int sparse, int pred, i
             kwant[h2 * HD + i] = ck1[(h2 * L + slot) * HD + i];
         }
     check(tk ? "decode layer bf16 (Top-K SwiGLU, adapters)" : "decode layer bf16", Q4, 1, D, got16, want16, D, 6e-2);
-    check("decode layer bf16 cache", Q4, 1, KV * HD, kgot, kwant, KV * HD, 0.1);
+    check("decode layer bf16 cache", Q4, 1, KV * HD, kgot, kwant, KV * HD, 3e-2);
+done:
     free(wqkv); free(wo); free(g); free(u); free(dn); free(gu); free(aa); free(ad);
 }
 
@@ -262,7 +266,25 @@ static void check_rms_norm_bf16(void) {
     check("rms norm bf16", 0, n, 1, got, want, n, 1e-2);
 }
 
+/* es_act_mul over the GEMVs' gate and up equals es_gate_up's fused activation bit for bit: a
+ * batched decode step's dense FFN (gate and up as GEMMs, then es_act_mul) relies on it */
+static void check_act_mul(int nt) {
+    enum { N = 70, D = 96 };
+    uint8_t *g = random_rows(Q4, N, D), *u = random_rows(Q4, N, D);
+    float x[D], gv[N], uv[N], h[N], fused[N];
+    for (int i = 0; i < D; i++) x[i] = uniform();
+    es_gemv_q4(g, x, NULL, N, D, nt, gv);
+    es_gemv_q4(u, x, NULL, N, D, nt, uv);
+    for (int relu = 0; relu < 2; relu++) {
+        es_act_mul(gv, uv, N, relu, h);
+        es_gate_up_q4(g, u, x, N, D, relu, nt, fused);
+        if (memcmp(h, fused, sizeof h)) { printf("FAIL act_mul != gate_up (relu=%d nt=%d)\n", relu, nt); fails++; }
+    }
+    free(g); free(u);
+}
+
 void check_ops(void) {
+    for (int nt = 1; nt <= 2; nt++) check_act_mul(nt);
     for (int nt = 1; nt <= 2; nt++)
         for (int topk = 0; topk < 2; topk++)
             /* dense: neuron-major, row-major down; sparse: exact, predictor; Top-K SwiGLU + adapters */
