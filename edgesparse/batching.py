@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import Engine, TextStream, _Row
+from .engine import Engine, TextStream, _Row, sampler
 from .errors import InvalidOptionError
 from .sampling import SamplingParams, sample
 
@@ -56,23 +56,14 @@ class BatchDecoder:
     def admit(self, prompt: list[int], params: SamplingParams, slot: int | None = None) -> int:
         """Prefill ``prompt`` alone into a cache of its own, put it in row ``slot`` (a free one;
         default: the first) and sample its first token; returns the row."""
-        m, n = self.model, len(prompt)
-        if n == 0:
-            raise InvalidOptionError("a prompt encodes to no tokens")
-        if n + params.max_new_tokens > m.spec.max_positions:
-            raise InvalidOptionError(f"prompt ({n} tokens) + max_new_tokens ({params.max_new_tokens}) "
-                                     f"exceeds the model's context of {m.spec.max_positions}")
+        m, n = self.model, self.engine.check_fits([prompt], params)
         slot = self.seqs.index(None) if slot is None else slot
         if self.seqs[slot] is not None:
             raise ValueError(f"row {slot} is taken")
         dev = m.ex.device
         cache = m.new_cache(1, n + params.max_new_tokens)
         logits = m.forward(torch.tensor([prompt], device=dev), cache, torch.arange(n, device=dev)[None])
-        gen = None
-        if params.temperature > 0:   # the generator a lone request seeds the same way
-            gen = torch.Generator().manual_seed(params.seed if params.seed is not None else
-                                                int(torch.randint(0, 2**31, (1,))))
-        seq = Sequence(list(prompt), params, _Row(n), TextStream(self.engine, params), gen,
+        seq = Sequence(list(prompt), params, _Row(n), TextStream(self.engine, params), sampler(params),
                        set(self.engine._stop_ids(params)), cache, 0)
         self._take(seq, logits)
         self.seqs[slot] = seq

@@ -110,6 +110,17 @@ class Engine:
             if any(s and s in tail for s in params.stop):
                 row.done = "stop"
 
+    def check_fits(self, prompt_ids: list[list[int]], params: SamplingParams) -> int:
+        """The longest prompt's length, once every prompt has a token and fits the context
+        with ``max_new_tokens`` after it."""
+        if any(len(p) == 0 for p in prompt_ids):
+            raise EmptyDataError("a prompt encodes to no tokens")
+        longest, ctx = max(len(p) for p in prompt_ids), self.model.spec.max_positions
+        if longest + params.max_new_tokens > ctx:
+            raise InvalidOptionError(f"prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                                     f"exceeds the model's context of {ctx}")
+        return longest
+
     # -- internals ----------------------------------------------------------------------------
     def _visible(self, ids: list[int], params: SamplingParams) -> str:
         stop_ids = set(self._stop_ids(params))
@@ -126,23 +137,15 @@ class Engine:
         sampled but no longer recorded)."""
         m = self.model
         rows = rows if rows is not None else [_Row(len(p)) for p in prompt_ids]
-        if any(len(p) == 0 for p in prompt_ids):
-            raise EmptyDataError("a prompt encodes to no tokens")
-        B, L = len(prompt_ids), max(len(p) for p in prompt_ids)
+        B, L = len(prompt_ids), self.check_fits(prompt_ids, params)
         total = L + params.max_new_tokens
-        if total > m.spec.max_positions:
-            raise InvalidOptionError(f"prompt ({L} tokens) + max_new_tokens ({params.max_new_tokens}) "
-                                     f"exceeds the model's context of {m.spec.max_positions}")
         dev = m.ex.device
         pad = self.eos_ids[0] if self.eos_ids else 0
         ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompt_ids], device=dev)
         valid = torch.tensor([[False] * (L - len(p)) + [True] * len(p) for p in prompt_ids], device=dev)
         pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
         cache = m.new_cache(B, total)
-        gen = None
-        if params.temperature > 0:
-            gen = torch.Generator().manual_seed(params.seed if params.seed is not None else
-                                                int(torch.randint(0, 2**31, (1,))))
+        gen = sampler(params)
         stop_ids = set(self._stop_ids(params))
         logits = m.forward(ids, cache, pos, valid)
         next_pos = pos[:, -1:] + 1
@@ -158,6 +161,15 @@ class Engine:
                 return
             logits = m.forward(torch.tensor(tok, device=dev)[:, None], cache, next_pos)
             next_pos = next_pos + 1
+
+
+def sampler(params: SamplingParams) -> torch.Generator | None:
+    """The random generator of one request: seeded by ``params.seed``, or at random; None
+    when decoding is greedy."""
+    if params.temperature <= 0:
+        return None
+    return torch.Generator().manual_seed(params.seed if params.seed is not None else
+                                         int(torch.randint(0, 2**31, (1,))))
 
 
 class TextStream:

@@ -5,7 +5,7 @@ import torch
 
 import edgesparse
 from edgesparse.batching import BatchDecoder
-from edgesparse.errors import InvalidOptionError
+from edgesparse.errors import EmptyDataError, InvalidOptionError
 from edgesparse.sampling import SamplingParams
 
 PROMPTS = ["The history of the city", "In 1990 the band", "The river flows", "A new species of",
@@ -110,6 +110,6 @@ def test_bad_inputs(tiny):
     dec = BatchDecoder(eng, 2)
     with pytest.raises(InvalidOptionError, match="context"):
         dec.admit(list(range(1, 30)), SamplingParams(max_new_tokens=tiny.model.spec.max_positions))
-    with pytest.raises(InvalidOptionError, match="no tokens"):
+    with pytest.raises(EmptyDataError, match="no tokens"):
         dec.admit([], SamplingParams())
     assert dec.free() == 2 and dec.step() == []

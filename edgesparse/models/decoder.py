@@ -112,16 +112,12 @@ class DecoderModel:
         forward (used by evaluation, so its perplexity sees exactly the decode sparsity)."""
         s = self.spec
         B, T = ids.shape
-        start = cache.length
-        end = start + T
-        if end > cache.k[0].shape[2]:
-                raise InvalidOptionError(f"sequence of {end} tokens exceeds the cache ({cache.k[0].shape[2]})")
+        start, end, first = self._span(cache, T)
         cache.valid[:, start:end] = True if valid is None else valid
         cache.padded = cache.padded or (valid is not None and not bool(valid.all()))
         # One token of one unpadded sequence (every decode step of a single chat) takes the
         # executor's fused attention; anything else the general masked path.
         single = B == 1 and T == 1 and not cache.padded
-        first = max(0, end - s.sliding_window) if s.sliding_window else 0
         if single:
             cos, sin = self.cos[positions[0, 0]], self.sin[positions[0, 0]]
         else:
@@ -174,11 +170,8 @@ class DecoderModel:
         Returns logits ``[B, V]``."""
         s, B = self.spec, len(tokens)
         nq = s.n_heads * s.head_dim
-        for c in caches:
-            if c.length + 1 > c.k[0].shape[2]:
-                raise InvalidOptionError(f"sequence of {c.length + 1} tokens exceeds the cache ({c.k[0].shape[2]})")
-        starts = [c.length for c in caches]
-        firsts = [max(0, st + 1 - s.sliding_window) if s.sliding_window else 0 for st in starts]
+        spans = [self._span(c, 1) for c in caches]
+        starts, firsts = [sp[0] for sp in spans], [sp[2] for sp in spans]
         cos, sin = self.cos[positions], self.sin[positions]
         x = self._embed(torch.tensor(tokens, device=self.ex.device)[:, None])
 
@@ -193,6 +186,15 @@ class DecoderModel:
             c.valid[:, st] = True
             c.length = st + 1
         return self._logits(x)[:, -1]
+
+    def _span(self, cache: KVCache, n: int) -> tuple[int, int, int]:
+        """``(start, end, first)`` of ``n`` new tokens in ``cache``: the slots they fill and the
+        first slot the last of them attends to (the sliding window's start, else 0)."""
+        start = cache.length
+        end = start + n
+        if end > cache.k[0].shape[2]:
+            raise InvalidOptionError(f"sequence of {end} tokens exceeds the cache ({cache.k[0].shape[2]})")
+        return start, end, max(0, end - self.spec.sliding_window) if self.spec.sliding_window else 0
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         B, T = ids.shape

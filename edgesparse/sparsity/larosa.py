@@ -59,13 +59,20 @@ def fit_rotations(model, gram: dict, rotation: str = "shared") -> dict:
 
 
 def topk_sizes(spec, attn_sparsity, mlp_sparsity) -> dict:
-    nq, nkv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
-    k_qkv, k_o = block_topk_sizes(attn_sparsity or 0.0, spec.hidden, nq + 2 * nkv, nq, spec.hidden)
+    k_qkv, k_o = _block_ks(spec, "attn", attn_sparsity or 0.0)
     ks = {"qkv": k_qkv, "o": k_o}
     if not spec.is_reglu:
-        ks["mlp"], ks["down"] = block_topk_sizes(mlp_sparsity or 0.0, spec.hidden, 2 * spec.intermediate,
-                                                 spec.intermediate, spec.hidden)
+        ks["mlp"], ks["down"] = _block_ks(spec, "mlp", mlp_sparsity or 0.0)
     return ks
+
+
+def _block_ks(spec, site: str, s: float) -> tuple[int, int]:
+    """K of a block's rotated and unrotated input (qkv and o, or gate|up and down) at block
+    sparsity ``s``."""
+    nq, nkv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+    if site == "attn":
+        return block_topk_sizes(s, spec.hidden, nq + 2 * nkv, nq, spec.hidden)
+    return block_topk_sizes(s, spec.hidden, 2 * spec.intermediate, spec.intermediate, spec.hidden)
 
 
 ALLOCATIONS = ("uniform", "greedy")
@@ -87,11 +94,12 @@ def allocate_topk(model, gram: dict, rot: dict, attn_sparsity, mlp_sparsity, ste
     block starts at ``target - spread``, and the block whose next ``step`` of sparsity adds the
     least relative output error of its rotated linear (qkv, or stacked gate|up) takes it, up to
     ``target + spread``, until the blocks' mean sparsity reaches the target (attention and MLP
-    blocks separately; within each the blocks are equal in size).  Unbounded (from 0 to 0.95),
-    the allocation put 0.9 on some SmolLM2 MLPs and 0.05 on others and lost badly to the
-    uniform one (docs/accuracy.md): the estimate below is too coarse to be trusted far.  The error is the output energy of the dropped rotated inputs
-    (``_dropped_share``, from the calibration Gram and the weight's column norms in the rotated
-    basis: WINA's weighting), an estimate, checked end to end by ``eval ppl --compare``."""
+    blocks separately; within each the blocks are equal in size).  The error is the output
+    energy of the dropped rotated inputs (``_dropped_share``, from the calibration Gram and the
+    weight's column norms in the rotated basis: WINA's weighting), an estimate, checked end to
+    end by ``eval ppl --compare``.  Unbounded (from 0 to 0.95), the allocation put 0.9 on some
+    SmolLM2 MLPs and 0.05 on others and lost badly to the uniform one (docs/accuracy.md): the
+    estimate is too coarse to be trusted far."""
     spec = model.spec
     curves = {"attn": [], "mlp": []}
     for i, layer in enumerate(model.layers):
@@ -129,17 +137,8 @@ def allocate_topk(model, gram: dict, rot: dict, attn_sparsity, mlp_sparsity, ste
             keys = ("qkv", "o") if site == "attn" else ("mlp", "down")
             out[li].update(zip(keys, _block_ks(spec, site, lv)))
             out[li][f"{site}_sparsity"] = lv
-    for li in range(len(out)):   # sites not allocated keep the uniform sizes
-        for k, v in topk_sizes(spec, attn_sparsity, mlp_sparsity).items():
-            out[li].setdefault(k, v)
-    return out
-
-
-def _block_ks(spec, site: str, s: float) -> tuple[int, int]:
-    nq, nkv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
-    if site == "attn":
-        return block_topk_sizes(s, spec.hidden, nq + 2 * nkv, nq, spec.hidden)
-    return block_topk_sizes(s, spec.hidden, 2 * spec.intermediate, spec.intermediate, spec.hidden)
+    uniform = topk_sizes(spec, attn_sparsity, mlp_sparsity)
+    return [{**uniform, **o} for o in out]   # sites not allocated keep the uniform sizes
 
 
 def rotations_from_tensors(t: dict, n_layers: int):

@@ -18,6 +18,10 @@ from ...errors import EdgeSparseError
 from .openai_api import RequestError
 
 
+def _internal() -> RequestError:
+    return RequestError("internal error while decoding", status=500, kind="server_error")
+
+
 class _Stop(Exception):
     """Raised inside the decode loop when the job was cancelled (between two tokens)."""
 
@@ -208,11 +212,19 @@ class EngineWorker:
             except BaseException:   # a failed step fails its jobs, never the thread
                 traceback.print_exc(file=sys.stderr)
                 for slot, job in list(self.active.items()):
-                    self._end(job, "error", RequestError("internal error while decoding", status=500,
-                                                         kind="server_error"))
+                    self._end(job, "error", _internal())
                 for slot in range(dec.slots):
                     if dec.seqs[slot] is not None and slot not in self.active:
                         dec.release(slot)
+
+    def _fail(self, job: Job, e: Exception) -> None:
+        """End ``job`` on an exception: a user error says what it is, anything else is an
+        internal error whose traceback the operator sees and the client does not."""
+        if isinstance(e, EdgeSparseError):
+            self._end(job, "error", RequestError(str(e)))
+            return
+        traceback.print_exception(e, file=sys.stderr)
+        self._end(job, "error", _internal())
 
     def _admit(self, slot: int, job: Job) -> None:
         dec, t0 = self.batch, time.monotonic()
@@ -221,12 +233,8 @@ class EngineWorker:
             return
         try:
             dec.admit(job.prompt_ids, job.params, slot)
-        except EdgeSparseError as e:
-            self._end(job, "error", RequestError(str(e)))
-            return
-        except Exception:
-            traceback.print_exc(file=sys.stderr)
-            self._end(job, "error", RequestError("internal error while decoding", status=500, kind="server_error"))
+        except Exception as e:
+            self._fail(job, e)
             return
         with self._cv:
             self.totals["prompt_tokens"] += len(job.prompt_ids)
@@ -289,13 +297,8 @@ class EngineWorker:
         except _Stop:
             self._end(job, job.cancel_kind)
             return
-        except EdgeSparseError as e:
-            self._end(job, "error", RequestError(str(e)))
-            return
-        except Exception:
-            traceback.print_exc(file=sys.stderr)   # the operator sees it; the client does not
-            self._end(job, "error", RequestError("internal error while decoding", status=500,
-                                                 kind="server_error"))
+        except Exception as e:
+            self._fail(job, e)
             return
         self._end(job, "finished", {"finish_reason": fin.get("finish_reason", "length"),
                                     "prompt_tokens": len(job.prompt_ids),
