@@ -23,7 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .row_kernels import _b_pad, gate_up_act, rows_matvec  # noqa: F401  (gather kernels shared with the block formats)
+from .row_kernels import gate_up_act, rows_matvec  # noqa: F401  (gather kernels shared with the block formats)
+
+# Block sizes of the single-token ReGLU kernels, shared with the ahead-of-time compile check
+# (aot.py), which compiles exactly these for sm_87 and sm_90 (all three fit without spilling).
+SCORE = {"BLOCK_R": 32, "BLOCK_F": 128}
+GATE_UP = {"BLOCK_N": 32, "BLOCK_D": 64}
+DOWN = {"BLOCK_N": 32, "BLOCK_D": 64}
 
 
 @triton.jit
@@ -108,29 +114,28 @@ def reglu_ffn(x, gate, up, down_t, t=None, b=None, bias=None):
         idx = torch.arange(f, dtype=torch.int32, device=dev)
         counts[0] = f
     else:
-        r = b.shape[0]
         idx = torch.empty(f, dtype=torch.int32, device=dev)
-        BLOCK_F = 128
-        _score_compact_kernel[(triton.cdiv(f, BLOCK_F),)](t.contiguous(), b, bias, idx, counts, r, f,
-                                                          BLOCK_R=32, BLOCK_F=BLOCK_F)
+        _score(t, b, bias, idx, counts)
     h = torch.empty(f, dtype=torch.float32, device=dev)
-    xc = x.contiguous()
-    BLOCK_N = 32
-    _reglu_gate_up_kernel[(triton.cdiv(f, BLOCK_N),)](xc, gate, up, idx, counts, h, counts[1:], d,
-                                                      BLOCK_N=BLOCK_N, BLOCK_D=64)
+    # the kernels read activations as fp32 whatever the model dtype: one compiled variant each
+    xc = x.float().contiguous()
+    _reglu_gate_up_kernel[(triton.cdiv(f, GATE_UP["BLOCK_N"]),)](xc, gate, up, idx, counts, h, counts[1:], d,
+                                                                 **GATE_UP)
     out = torch.empty(1, d, dtype=torch.float32, device=dev)
-    BLOCK_D = 64
-    _rows_matvec_count_kernel[(triton.cdiv(d, BLOCK_D),)](h, down_t, idx, counts, out, d,
-                                                          BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+    _rows_matvec_count_kernel[(triton.cdiv(d, DOWN["BLOCK_D"]),)](h, down_t, idx, counts, out, d, **DOWN)
     return out, counts[0], counts[1]
+
+
+def _score(t, b, bias, out_idx, count):
+    r, f = b.shape
+    _score_compact_kernel[(triton.cdiv(f, SCORE["BLOCK_F"]),)](t.float().contiguous(), b, bias, out_idx, count, r, f,
+                                                               **SCORE)
 
 
 def score_compact(t: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Indices (int32, unordered) of neurons with ``t @ b + bias > 0`` for one token ``t [r]``."""
-    r, f = b.shape
+    f = b.shape[1]
     out = torch.empty(f, dtype=torch.int32, device=b.device)
     count = torch.zeros(1, dtype=torch.int32, device=b.device)
-    BLOCK_F = 128
-    _score_compact_kernel[(triton.cdiv(f, BLOCK_F),)](t.contiguous(), b, bias, out, count, r, f,
-                                                      BLOCK_R=32, BLOCK_F=BLOCK_F)
+    _score(t, b, bias, out, count)
     return out[:int(count.item())]

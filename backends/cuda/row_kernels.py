@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..formats import BLOCK_BYTES
+from ..formats import BLOCK_BYTES, rows_of
 
 FORMAT_ID = {"q8_0": 0, "q4_0": 1, "q4_1": 2}
 FLOAT = 3   # a float tensor: ROWB is then the row length in elements
@@ -103,8 +103,24 @@ def _rows_matvec_kernel(c_ptr, w_ptr, idx_ptr, out_ptr, B, N, D, ROWB, FMT: tl.c
     tl.store(out_ptr + bs[:, None] * D + ds[None, :], acc, mask=bmask[:, None] & dmask[None, :])
 
 
+# Launch configurations, one place for the launchers and the ahead-of-time compile check
+# (aot.py).  Compiled for sm_87 and sm_90, BLOCK_N=32 x BLOCK_D=64 held 186-255 registers in
+# the gate/up kernel from B_PAD=1 up and spilled at B_PAD=8; BLOCK_D=32 (one quantisation
+# block per step) keeps it at <= 128 registers with no spill, and B_PAD=8 also halves BLOCK_N.
+# Batches above MAX_BATCH (prefill) do not fit a register tile: they de-quantise the rows read
+# and take one dense matmul instead (``_torch_*``).
+MAX_BATCH = 8
+
+
 def _b_pad(b: int) -> int:
     return max(1, triton.next_power_of_2(b))
+
+
+def launch_config(kernel: str, b_pad: int) -> dict:
+    """Block sizes and warps of ``kernel`` ("gate_up_act" | "rows_matvec") at a padded batch."""
+    if kernel == "gate_up_act":
+        return {"BLOCK_N": 16 if b_pad >= 8 else 32, "BLOCK_D": 32, "num_warps": 4}
+    return {"BLOCK_N": 32, "BLOCK_D": 64, "num_warps": 4}
 
 
 def _layout(w):
@@ -114,19 +130,36 @@ def _layout(w):
     return w.data, w.cols // 32 * BLOCK_BYTES[w.fmt], FORMAT_ID[w.fmt]
 
 
+def _rows(w, idx):
+    return rows_of(w, idx.long(), torch.float32).float()
+
+
+def _torch_gate_up_act(x, gate, up, idx, act):
+    g = x.float() @ _rows(gate, idx).T
+    if up is None:
+        return g
+    a = torch.relu(g) if act == "relu" else torch.nn.functional.silu(g)
+    return a * (x.float() @ _rows(up, idx).T)
+
+
 def gate_up_act(x: torch.Tensor, gate, up, idx: torch.Tensor, act: str = "relu") -> torch.Tensor:
     """``act(x @ gate[idx].T) * (x @ up[idx].T)`` -> fp32 ``[B, len(idx)]``; with ``up=None``
     just the gathered dot products ``x @ gate[idx].T``.  gate and up share one format."""
     bsz, d = x.shape
     n = idx.numel()
+    if bsz > MAX_BATCH:
+        return _torch_gate_up_act(x, gate, up, idx, act)
     h = torch.empty(bsz, n, dtype=torch.float32, device=x.device)
     if n == 0:
         return h
     data, rowb, fmt = _layout(gate)
     up_data = data if up is None else _layout(up)[0]
-    _gate_up_act_kernel[(triton.cdiv(n, 32),)](x.contiguous(), data, up_data, idx.contiguous(), h, bsz, d, n, rowb,
-                                               FMT=fmt, HAS_UP=up is not None, ACT=0 if act == "relu" else 1,
-                                               B_PAD=_b_pad(bsz), BLOCK_N=32, BLOCK_D=64)
+    cfg = launch_config("gate_up_act", _b_pad(bsz))
+    # activations and indices in one dtype each (fp32, int64): the kernel reads them in fp32
+    # anyway, and aot.py then compiles one variant per weight format instead of three
+    _gate_up_act_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+        x.float().contiguous(), data, up_data, idx.long().contiguous(), h, bsz, d, n, rowb,
+        FMT=fmt, HAS_UP=up is not None, ACT=0 if act == "relu" else 1, B_PAD=_b_pad(bsz), **cfg)
     return h
 
 
@@ -139,10 +172,14 @@ def rows_matvec(c: torch.Tensor, w, idx: torch.Tensor) -> torch.Tensor:
     """``c [B, n] @ W[idx]`` -> fp32 ``[B, D]``, reading rows ``idx`` only."""
     bsz, n = c.shape
     d = w.shape[1]
+    if bsz > MAX_BATCH:
+        return c.float() @ _rows(w, idx)
     out = torch.zeros(bsz, d, dtype=torch.float32, device=c.device)
     if n == 0:
         return out
     data, rowb, fmt = _layout(w)
-    _rows_matvec_kernel[(triton.cdiv(d, 64),)](c.contiguous(), data, idx.contiguous(), out, bsz, n, d, rowb, FMT=fmt,
-                                               B_PAD=_b_pad(bsz), BLOCK_N=32, BLOCK_D=64)
+    cfg = launch_config("rows_matvec", _b_pad(bsz))
+    _rows_matvec_kernel[(triton.cdiv(d, cfg["BLOCK_D"]),)](
+        c.float().contiguous(), data, idx.long().contiguous(), out, bsz, n, d, rowb, FMT=fmt,
+        B_PAD=_b_pad(bsz), **cfg)
     return out

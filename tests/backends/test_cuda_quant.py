@@ -1,5 +1,5 @@
 """The cuda backend's Triton kernels over q8_0 / q4_0 / q4_1 rows against the de-quantising
-reference: 0 / 1 / some / all rows, repeated rows, batch 1 and 3.  Without a GPU they run
+reference: 0 / 1 / some / all rows, repeated rows, batch 1, 3, 8 and 9.  Without a GPU they run
 under the Triton interpreter (conftest sets TRITON_INTERPRET=1)."""
 import pytest
 import torch
@@ -11,7 +11,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 8, 9])   # 9: above MAX_BATCH, the de-quantised matmul
 def test_rows_dot_and_matvec(fmt, batch):
     g = torch.Generator().manual_seed(0)
     w = quantize_rows(torch.randn(37, 96, generator=g) + 0.3, fmt)
