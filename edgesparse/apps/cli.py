@@ -193,8 +193,11 @@ def _add_more_commands(sub):
                    help="LaRoSA basis: one per layer, one per attention/MLP input, or one for the model")
     p.add_argument("--topk-scaled", action="store_true",
                    help="rank Top-K entries by |x|·||W[:, j]|| instead of |x| (see docs/accuracy.md)")
-    p.add_argument("--topk-allocation", choices=["uniform", "greedy"], default="uniform",
-                   help="the same K in every layer, or per-layer K by the greedy error allocation")
+    p.add_argument("--topk-allocation", default="uniform",
+                   help="uniform (the same K in every layer), measured (per-layer K by block errors "
+                        "measured on Top-K outputs) or greedy (per-layer K by an estimate)")
+    p.add_argument("--topk-spread", type=float, default=None,
+                   help="measured allocation: each block's sparsity stays within the asked one ± this")
     p.add_argument("--json", action="store_true")
 
     ev = sub.add_parser("eval", help="evaluate quality dense vs sparse").add_subparsers(dest="what", required=True)
@@ -268,7 +271,7 @@ def cmd_calibrate(args):
                     target_recall=args.target_recall, attn_sparsity=args.attn_sparsity,
                     mlp_sparsity=args.mlp_sparsity, topk_method=args.topk_method, rotation=args.rotation,
                     topk_scaled=args.topk_scaled, int8_predictor=not args.float_predictor,
-                    topk_allocation=args.topk_allocation)
+                    topk_allocation=args.topk_allocation, topk_spread=args.topk_spread)
     if args.json:
         print(json.dumps(rep))
         return

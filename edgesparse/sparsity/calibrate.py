@@ -69,7 +69,8 @@ def calibrate_model(model, tokenizer, out, data=None, tokens: int = DEFAULT_TOKE
                     target_sparsity: float | None = None, target_recall: float | None = None,
                     attn_sparsity: float | None = None, mlp_sparsity: float | None = None,
                     topk_method: str = "rotated", rotation: str = "shared", topk_scaled: bool = False,
-                    window: int = 256, int8_predictor: bool = True, topk_allocation: str = "uniform") -> dict:
+                    window: int = 256, int8_predictor: bool = True, topk_allocation: str = "uniform",
+                    topk_spread: float | None = None) -> dict:
     """Calibrate a loaded model and write artifacts to ``out``: FFN predictors for ReGLU
     models (factors on a per-row int8 grid unless ``int8_predictor=False``, see
     ``predictors/int8.py``), and Top-K (LaRoSA-rotated or magnitude) sizes and rotations when
@@ -92,6 +93,10 @@ def calibrate_model(model, tokenizer, out, data=None, tokens: int = DEFAULT_TOKE
     if topk_allocation not in larosa.ALLOCATIONS:
         raise InvalidOptionError(f"top-k allocation must be one of {', '.join(larosa.ALLOCATIONS)}, "
                                  f"got {topk_allocation!r}")
+    if topk_spread is not None and topk_allocation != "measured":
+        raise InvalidOptionError("--topk-spread bounds the measured allocation: give --topk-allocation measured")
+    if topk_spread is not None and not 0 < topk_spread <= 1:
+        raise InvalidOptionError(f"topk spread must be in (0, 1], got {topk_spread}")
     if rotation not in larosa.ROTATIONS:
         raise InvalidOptionError(f"rotation must be one of {', '.join(larosa.ROTATIONS)}, got {rotation!r}")
     if target_sparsity is None and target_recall is None:
@@ -119,11 +124,20 @@ def calibrate_model(model, tokenizer, out, data=None, tokens: int = DEFAULT_TOKE
     if want_topk:
         rot = larosa.fit_rotations(model, col.gram, rotation) if topk_method == "rotated" else None
         tensors.update(rot or {})
-        ks = (larosa.topk_sizes(s, attn_sparsity, mlp_sparsity) if topk_allocation == "uniform"
-              else larosa.allocate_topk(model, col.gram, rot, attn_sparsity, mlp_sparsity))
+        measured = None
+        if topk_allocation == "measured":   # per-layer K by block errors measured on real Top-K outputs
+            from .topk_allocation import DEFAULT_SPREAD, allocate
+            ks, measured = allocate(model, windows, rot, attn_sparsity, mlp_sparsity,
+                                    spread=DEFAULT_SPREAD if topk_spread is None else topk_spread)
+        elif topk_allocation == "uniform":
+            ks = larosa.topk_sizes(s, attn_sparsity, mlp_sparsity)
+        else:
+            ks = larosa.allocate_topk(model, col.gram, rot, attn_sparsity, mlp_sparsity)
         manifest["topk"] = dict(method=topk_method, rotation=rotation if topk_method == "rotated" else None,
                                 scaled=bool(topk_scaled), allocation=topk_allocation,
                                 attn_sparsity=attn_sparsity, mlp_sparsity=mlp_sparsity, k=ks)
+        if measured is not None:
+            manifest["topk"]["measured"] = measured
     path = save_artifacts(out, manifest, tensors)
     rep = dict(artifacts=str(path), seconds=round(time.time() - t0, 1), layers=layers)
     if layers:

@@ -75,7 +75,9 @@ def _block_ks(spec, site: str, s: float) -> tuple[int, int]:
     return block_topk_sizes(s, spec.hidden, 2 * spec.intermediate, spec.intermediate, spec.hidden)
 
 
-ALLOCATIONS = ("uniform", "greedy")
+# "measured" (topk_allocation.py): per-layer K by measured block-output error; "greedy" by
+# an estimate (allocate_topk below), kept to reproduce docs/accuracy.md's comparison.
+ALLOCATIONS = ("uniform", "greedy", "measured")
 
 
 def _dropped_share(gram_rot_diag: torch.Tensor, col_energy: torch.Tensor) -> torch.Tensor:
