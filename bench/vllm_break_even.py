@@ -1,0 +1,72 @@
+"""Where a decode batch's candidate union stops paying: the union path of the vLLM plugin's
+MLP (edgesparse/vllm/mlp.py: gate rows of the union, each token's own candidates, up/down rows)
+against the dense FFN, for a few batch sizes and union shares, on the cpu executor.
+
+    python bench/vllm_break_even.py [--hidden 2048 --ffn 5632] [--dtype fp32 bf16] > out.json
+
+Prints JSON: per dtype and batch size, the time of the dense FFN and of the union path at each
+share of the neurons, and the largest share where the union path was still faster (the
+break-even ``UNION_BREAK_EVEN`` is set from)."""
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from edgesparse.backends import get_executor
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def best_of(fn, reps=7):
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--ffn", type=int, default=5632)
+    ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=DTYPES)
+    ap.add_argument("--batch", nargs="+", type=int, default=[2, 4, 8])
+    ap.add_argument("--shares", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+    a = ap.parse_args()
+    ex = get_executor("cpu")
+    g = torch.Generator().manual_seed(0)
+    out = dict(shape=dict(hidden=a.hidden, ffn=a.ffn), threads=torch.get_num_threads(),
+               cpu=platform.processor() or platform.machine(), results=[])
+    for name in a.dtype:
+        dt = DTYPES[name]
+        mk = lambda *s: (torch.randn(*s, generator=g) * 0.02).to(dt)  # noqa: E731
+        ffn = ex.prepare_ffn(mk(a.ffn, a.hidden), mk(a.ffn, a.hidden), mk(a.hidden, a.ffn), "relu")
+        for b in a.batch:
+            x = torch.randn(b, a.hidden, generator=g).to(dt)
+            dense = best_of(lambda: ex.ffn_dense(x, ffn))
+            row = dict(dtype=name, batch=b, dense_ms=round(dense * 1e3, 3), union_ms={}, break_even=None)
+            for s in a.shares:
+                n = int(s * a.ffn)
+                cand = torch.randperm(a.ffn, generator=g)[:n].sort().values
+                # each token owns about half of the union (per-token sets overlap, as real ones do)
+                own = torch.rand(b, n, generator=g) < 0.5
+
+                def union():
+                    h = torch.relu(ex.gate_rows(x, ffn, cand)) * own
+                    keep = ex.nonzero_columns(h > 0)
+                    return ex.up_down_rows(x, h[:, keep], ffn, cand[keep])
+                t = best_of(union)
+                row["union_ms"][str(s)] = round(t * 1e3, 3)
+                if t < dense:
+                    row["break_even"] = s
+            out["results"].append(row)
+            print(json.dumps(row), flush=True, file=__import__("sys").stderr)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
