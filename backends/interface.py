@@ -266,6 +266,15 @@ class Executor(ABC):
     def synchronize(self) -> None:
         """Wait for queued device work (for timing); a no-op on the CPU."""
 
+    # Whether ``capture`` records a device graph (True: replays skip launch and Python costs).
+    captures_graphs = False
+
+    def capture(self, fn):
+        """A replay of ``fn``, a step with fixed shapes that reads and writes only tensors it
+        already holds (``models/static_step.py``).  The default runs ``fn`` itself on each
+        replay: the eager reference a backend's graph is tested against."""
+        return fn
+
 
 def activate(g: torch.Tensor, act: str) -> torch.Tensor:
     if act == "relu":

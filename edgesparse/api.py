@@ -37,6 +37,16 @@ class LLM:
         """``dense``, ``exact`` (ReGLU, lossless) or ``predictor`` (needs artifacts)."""
         self.model.set_ffn_mode(mode)
 
+    def set_graph_decode(self, on: bool = True) -> None:
+        """Decode one sequence by replaying a captured device graph of the whole step
+        (``models/static_step.py``): on ``cuda``, where each token otherwise pays a launch per
+        kernel from Python.  Backends that cannot capture refuse it."""
+        from .errors import InvalidOptionError
+        if on and not self.model.ex.captures_graphs:
+            raise InvalidOptionError(f"graph decode needs a backend that captures device graphs (cuda); "
+                                     f"this model runs on {self.backend}")
+        self.model.graph_decode = bool(on)
+
     def generate(self, prompts, **kw) -> Completion | list[Completion]:
         return self.engine.generate(prompts, SamplingParams(**kw))
 

@@ -52,6 +52,28 @@ class CudaExecutor(TorchExecutor):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    @property
+    def captures_graphs(self) -> bool:
+        return self.device.type == "cuda"
+
+    def capture(self, fn):
+        """``fn`` recorded as a CUDA graph after two warm-up runs on a side stream (Triton
+        compiles and cuBLAS picks its kernels there, outside the capture); the replay launches
+        the whole step at once.  The warm-ups compute the step for real, so ``fn`` must be
+        idempotent for the inputs it holds (the static decode step is: same slot, same token)."""
+        if self.device.type != "cuda":
+            return fn
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay
+
     # -- sparse ops as Triton kernels (fall back to the torch versions without Triton) -------
     # Float weights: kernels.py.  Block-quantised weights (QuantRows): row_kernels.py, two
     # gather kernels the quantised ops below compose (the fused float ReGLU kernel is not

@@ -25,6 +25,21 @@ def _add_model_opts(p, artifacts=True):
         p.add_argument("--artifacts", default=None, help="calibration artifact dir (from `calibrate`)")
 
 
+def _load(args, artifacts=None):
+    """The model a command names, with its --backend/--dtype/--weights/--artifacts (and --graph)."""
+    from ..api import load
+    llm = load(args.model, backend=args.backend, dtype=args.dtype, artifacts=artifacts or args.artifacts,
+               weights=args.weights)
+    if getattr(args, "graph", False):
+        llm.set_graph_decode(True)
+    return llm
+
+
+def _add_graph_opt(p):
+    p.add_argument("--graph", action="store_true",
+                   help="decode by replaying a captured CUDA graph of the whole step (cuda backend)")
+
+
 def _positive_int(s):
     try:
         v = int(s)
@@ -63,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ffn-mode", choices=["dense", "exact", "predictor"], default=None)
     p.add_argument("--stream", action="store_true")
+    _add_graph_opt(p)
     p.add_argument("--json", action="store_true")
 
     sub.add_parser("info", help="backends, devices, versions").add_argument("--json", action="store_true")
@@ -122,11 +138,10 @@ def cmd_demo(args):
 
 
 def cmd_generate(args):
-    from ..api import load
     from ..sampling import SamplingParams
     explicit = _explicit_sampling(args)
     SamplingParams(max_new_tokens=args.max_new_tokens, seed=args.seed).validate()
-    llm = load(args.model, backend=args.backend, dtype=args.dtype, artifacts=args.artifacts, weights=args.weights)
+    llm = _load(args)
     # flags > the checkpoint's generation config > greedy (SamplingParams' own defaults)
     kw = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, **{**llm.sampling_defaults, **explicit})
     if args.ffn_mode:
@@ -237,10 +252,12 @@ def _add_more_commands(sub):
     p.add_argument("--new-tokens", type=_positive_int, default=32)
     p.add_argument("--rounds", type=_positive_int, default=3)
     p.add_argument("--rotation", choices=["shared", "per-site", "global"], default="global")
+    _add_graph_opt(p)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("chat", help="multi-turn chat in the terminal, streamed")
     _add_model_opts(p)
+    _add_graph_opt(p)
     p.add_argument("--max-new-tokens", type=_positive_int, default=256)
     _add_sampling_opts(p, "temperature 0.7, top-p 0.9, min-p 0.05, repetition penalty 1.1")
     p.add_argument("--seed", type=int, default=None)
@@ -248,6 +265,7 @@ def _add_more_commands(sub):
 
     p = sub.add_parser("serve", help="local OpenAI-compatible server")
     _add_model_opts(p)
+    _add_graph_opt(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None,
@@ -291,13 +309,11 @@ def cmd_calibrate(args):
 
 
 def cmd_eval(args):
-    from ..api import load
     from ..eval.perplexity import eval_ppl
-    llm = load(args.model, backend=args.backend, dtype=args.dtype, artifacts=args.artifacts, weights=args.weights)
+    llm = _load(args)
     if args.what == "zeroshot":
         return _zeroshot(llm, args)
-    other = None if args.compare is None else load(args.model, backend=args.backend, dtype=args.dtype,
-                                                   artifacts=args.compare, weights=args.weights)
+    other = None if args.compare is None else _load(args, artifacts=args.compare)
     out = eval_ppl(llm, args.data, window=args.window, max_tokens=args.max_tokens, sparse_mode=args.ffn_mode,
                    plot=args.plot, compare=other)
     if args.json:
@@ -307,11 +323,10 @@ def cmd_eval(args):
 
 
 def cmd_chat(args):
-    from ..api import load
     from .chat import chat_loop
     from ..sampling import CHAT_DEFAULTS
     explicit = _explicit_sampling(args)
-    llm = load(args.model, backend=args.backend, dtype=args.dtype, artifacts=args.artifacts, weights=args.weights)
+    llm = _load(args)
     llm.chat_prompt([{"role": "user", "content": "hi"}])  # fail early without a chat template
     # flags > the checkpoint's generation config > chat defaults
     kw = {**CHAT_DEFAULTS, **llm.sampling_defaults, **explicit}
@@ -321,14 +336,13 @@ def cmd_chat(args):
 def cmd_serve(args):
     import os
 
-    from ..api import load
     from .serve import ServeOptions, serve
     key = args.api_key if args.api_key is not None else os.environ.get("EDGESPARSE_API_KEY")
     opts = ServeOptions(host=args.host, port=args.port, api_key=key,
                         allowed_hosts=args.allowed_host, cors_origins=args.cors_origin, max_body_mb=args.max_body_mb,
                         max_queue=args.max_queue, stall_timeout_s=args.stall_timeout,
                         parallel=args.parallel).validate()
-    llm = load(args.model, backend=args.backend, dtype=args.dtype, artifacts=args.artifacts, weights=args.weights)
+    llm = _load(args)
     print(f"edgesparse: serving {llm.name} ({llm.backend}, ffn mode {llm.model.ffn_mode}, {args.parallel} slot(s)) "
           f"at http://{args.host}:{args.port}/v1", flush=True)
     if not opts.loopback and opts.api_key is None:
@@ -358,7 +372,7 @@ def cmd_bench(args):
     else:
         from ..benchmarks.decode import bench_decode
         out = bench_decode(args.model, args.synthetic, args.backend, args.dtype, new_tokens=args.new_tokens,
-                           rounds=args.rounds, rotation=args.rotation, weights=args.weights)
+                           rounds=args.rounds, rotation=args.rotation, weights=args.weights, graph=args.graph)
     print(json.dumps(out) if args.json else json.dumps(out, indent=1))
 
 

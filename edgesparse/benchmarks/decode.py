@@ -59,7 +59,7 @@ def _engine_tok_s(engine, ids, n):
 
 def bench_decode(model_path=None, synthetic=None, backend="cpu", dtype="bf16", prompt_tokens=32,
                  new_tokens=32, rounds=3, ffn_gate_sparsity=0.86, attn_sparsity=0.4, rotation="global",
-                 weights: str | None = None) -> dict:
+                 weights: str | None = None, graph: bool = False) -> dict:
     from ..sparsity import apply_topk, attach_artifacts
     from ..sparsity.calibrate import calibrate_model
     from ..engine import Engine
@@ -67,6 +67,10 @@ def bench_decode(model_path=None, synthetic=None, backend="cpu", dtype="bf16", p
     if (model_path is None) == (synthetic is None):
         raise InvalidOptionError("give a MODEL or --synthetic NAME")
     tdtype = DTYPES[dtype]
+    if graph:
+        from edgesparse.backends import get_executor
+        if not get_executor(backend).captures_graphs:
+            raise InvalidOptionError(f"--graph needs a backend that captures device graphs (cuda), not {backend}")
     t0 = time.time()
     if synthetic:
         hf, model, cfg = synthetic_model(synthetic, backend, tdtype, weights)
@@ -77,6 +81,8 @@ def bench_decode(model_path=None, synthetic=None, backend="cpu", dtype="bf16", p
         hf = AutoModelForCausalLM.from_pretrained(p, dtype=tdtype).eval()
     if not model.spec.is_reglu:
         raise InvalidOptionError("bench decode measures FFN predictors: it needs a ReGLU model")
+    # with --graph every engine row is measured twice: eager, then replaying the captured step
+    variants = (False, True) if graph else (False,)
     with tempfile.TemporaryDirectory() as tmp:
         data = f"{tmp}/calib.txt"
         with open(data, "w") as fh:
@@ -92,22 +98,29 @@ def bench_decode(model_path=None, synthetic=None, backend="cpu", dtype="bf16", p
         engine = Engine(model, tok)
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(10, cfg.vocab_size, (prompt_tokens,), generator=g).tolist()
-        res = {k: [] for k in ("hf", "dense", "ffn_sparse")}
+        res = {"hf": []}
         nbytes = {}
+
+        def engine_rows(name, mode):
+            model.set_ffn_mode(mode)
+            for g in variants:
+                model.graph_decode = g
+                res.setdefault(name + ("_graph" if g else ""), []).append(_engine_tok_s(engine, ids, new_tokens))
+            model.graph_decode = False
+
         with torch.inference_mode():
             for _ in progress(range(rounds), desc="decode rounds"):
                 res["hf"].append(_hf_tok_s(hf, torch.tensor([ids]), new_tokens))
-                model.set_ffn_mode("dense")
-                res["dense"].append(_engine_tok_s(engine, ids, new_tokens))
-                model.set_ffn_mode("predictor")
+                engine_rows("dense", "dense")
                 model.stats.reset()
-                res["ffn_sparse"].append(_engine_tok_s(engine, ids, new_tokens))
+                engine_rows("ffn_sparse", "predictor")
             ffn_stats = model.stats.summary()
             nbytes["dense"] = weight_bytes_per_token(model, "dense", False, {})
             nbytes["ffn_sparse"] = weight_bytes_per_token(model, "predictor", False, ffn_stats)
             apply_topk(model, arts)
             model.stats.reset()
-            res["full_sparse"] = [_engine_tok_s(engine, ids, new_tokens) for _ in range(rounds)]
+            for _ in range(rounds):
+                engine_rows("full_sparse", "predictor")
             nbytes["full_sparse"] = weight_bytes_per_token(model, "predictor", True, model.stats.summary())
     med = {k: statistics.median(v) for k, v in res.items()}
     from .ffn import read_bandwidth_gbs
@@ -127,6 +140,10 @@ def bench_decode(model_path=None, synthetic=None, backend="cpu", dtype="bf16", p
                 speedup_vs_hf=round(med["full_sparse"] / hf, 3),
                 ffn_speedup_vs_dense=round(med["ffn_sparse"] / med["dense"], 3),
                 dense_vs_hf=round(med["dense"] / hf, 3),
+                graph=({k: round(med[k], 3) for k in med if k.endswith("_graph")} |
+                       {"speedup_vs_eager_dense": round(med["full_sparse_graph"] / med["dense"], 3),
+                        "speedup_vs_graph_dense": round(med["full_sparse_graph"] / med["dense_graph"], 3)}
+                       if graph else None),
                 ffn_sparsity=round(ffn_stats["ffn_sparsity"], 4), gate_sparsity=round(ffn_stats["gate_sparsity"], 4),
                 attn_sparsity=round(attn_sp, 4), topk=arts_topk, setup_s=setup_s, calibrate_s=calibrate_s,
                 per_token={k: _breakdown(med[k], nbytes[k], bw) for k in nbytes},

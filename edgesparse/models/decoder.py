@@ -52,7 +52,11 @@ class DecoderModel:
     # Decode steps of one sequence run each layer in one executor call where the backend can
     # (Executor.decode_layer); False: always the composed ops (the reference it is tested against).
     fused_decode: bool = True
+    # Decode steps of one sequence through a fixed-shape step the executor captures as a
+    # device graph (models/static_step.py; LLM.set_graph_decode checks the backend can).
+    graph_decode: bool = False
     _steps: dict = field(default_factory=dict, repr=False)
+    _static: object = field(default=None, repr=False)
 
     @property
     def dtype(self):
@@ -126,6 +130,9 @@ class DecoderModel:
         sparse = T == 1 or sparse_prefill
         mode = self.ffn_mode if sparse else "dense"
         attn_sparse = sparse and self.attn_mode == "topk"
+        if single and self.graph_decode and not all_logits:
+            cache.length = end
+            return self._static_step(cache, mode, attn_sparse).run(ids, start, first)
         x = self._embed(ids)
         nq, nkv, hd = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.head_dim
         layers = self.layers
@@ -195,6 +202,13 @@ class DecoderModel:
         if end > cache.k[0].shape[2]:
             raise InvalidOptionError(f"sequence of {end} tokens exceeds the cache ({cache.k[0].shape[2]})")
         return start, end, max(0, end - self.spec.sliding_window) if self.spec.sliding_window else 0
+
+    def _static_step(self, cache: KVCache, mode: str, attn_sparse: bool):
+        """The fixed-shape step bound to ``cache`` (made, and captured, again for a new cache)."""
+        from .static_step import StaticDecodeStep
+        if self._static is None or not self._static.matches(cache, mode, attn_sparse):
+            self._static = StaticDecodeStep(self, cache, mode, attn_sparse)
+        return self._static
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         B, T = ids.shape
