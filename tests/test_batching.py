@@ -33,14 +33,17 @@ def tiny():
     return edgesparse.load("tiny", backend="cpu", artifacts=TINY_ARTIFACTS)
 
 
-def _staggered_equal_alone(llm):
+def _staggered_equal_alone(llm, strategies=("rows", None)):
+    """Forced batched steps (``rows``: every step of 2-3 rows is ``decode_rows``) and the
+    measured choice (its probe alternates ``rows`` and ``each``) both give the alone tokens."""
     eng = llm.engine
     lengths = [5, 12, 9, 16, 7, 10, 14, 6]   # different finishing times
     jobs = [(eng.encode(x), SamplingParams(max_new_tokens=n, stop_token_ids=[])) for x, n in zip(PROMPTS, lengths)]
     alone = [eng.generate_ids([ids], p)[0].token_ids for ids, p in jobs]
-    dec = BatchDecoder(eng, 3)
-    assert _run(dec, jobs) == alone
-    assert dec.free() == 3
+    for strategy in strategies:
+        dec = BatchDecoder(eng, 3, strategy)
+        assert _run(dec, jobs) == alone
+        assert dec.free() == 3
 
 
 # the shipped predictors are fitted to float weights: block formats run the calibration-free modes
@@ -113,3 +116,31 @@ def test_bad_inputs(tiny):
     with pytest.raises(EmptyDataError, match="no tokens"):
         dec.admit([], SamplingParams())
     assert dec.free() == 2 and dec.step() == []
+    with pytest.raises(InvalidOptionError, match="strategy"):
+        BatchDecoder(eng, 2, "fastest")
+
+
+def test_the_step_strategy_is_measured_per_batch_size(tiny, monkeypatch):
+    """Probe steps alternate the two strategies; after PROBE_STEPS of each, the faster (by
+    median) is kept for that batch size, and every later step of that size uses it."""
+    import edgesparse.batching as batching
+    clock = iter(x * 0.5 for x in range(10_000))
+    monkeypatch.setattr(batching.time, "perf_counter", lambda: next(clock))   # each step "takes" 0.5 s
+    eng = tiny.engine
+    dec = BatchDecoder(eng, 2)
+    used = []
+    real_rows = tiny.model.decode_rows
+    monkeypatch.setattr(tiny.model, "decode_rows", lambda *a: (used.append("rows"), real_rows(*a))[1])
+    for prompt in PROMPTS[:2]:
+        dec.admit(eng.encode(prompt), SamplingParams(max_new_tokens=20, stop_token_ids=[]))
+    choice = None
+    for _ in range(2 * batching.PROBE_STEPS):
+        dec.step()
+        choice = dec.choices[2]
+    assert [len(v) for v in choice.times.values()] == [batching.PROBE_STEPS] * 2
+    assert used == ["rows"] * batching.PROBE_STEPS and choice.chosen in batching.STRATEGIES
+    c = batching.StepChoice()
+    for t_rows, t_each in ((3, 1), (3, 2), (1, 2)):   # medians: rows 3, each 2
+        c.record(c.next(), t_rows)
+        c.record(c.next(), t_each)
+    assert c.chosen == "each" and c.next() == "each"
