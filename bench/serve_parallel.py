@@ -6,6 +6,15 @@ decode step of 1, 2, 4 and 8 sequences, and the machine's read bandwidth.  Not p
 
     python bench/serve_parallel.py [--model models/SmolLM2-135M-Instruct.Q4_1.gguf] [--slots 4]
         [--clients 32] [--tokens 32] [--threads 2] [--out bench/results/serve_parallel.json]
+    python bench/serve_parallel.py --synthetic tinyllama-1.1b --work /tmp/tl --slots 1 2 4 8
+        --serve-args "--weights q4_0" --sparse --out bench/results/serve_parallel_tinyllama.json
+
+``--synthetic tinyllama-1.1b`` writes a random-weight ReGLU Llama of TinyLlama-1.1B's shape with
+the Llama-2 tokenizer (once, under ``--work``; needs the ``bench`` extra).  ``--sparse`` also
+calibrates predictor artifacts (random weights have no natural sparsity: the thresholds are
+set to skip 86% of gate rows, as ``bench decode`` does) and measures every slot count again
+with them.  The in-process step times cover both batch strategies (``rows``: one batched step,
+``each``: the single-sequence step per sequence; the server measures and keeps the faster).
 """
 from __future__ import annotations
 
@@ -58,12 +67,15 @@ def run(base: str, prompts: list[str], tokens: int) -> dict:
                 texts=[r["text"] for r in res])
 
 
-def step_times(model_path: str, rows=(1, 2, 4, 8), steps: int = 20) -> dict:
-    """In-process ms per decode step: the single-sequence step for 1 row (what one slot runs),
-    ``DecoderModel.decode_rows`` for more (what a batched step runs), after a 10-token prompt."""
+def step_times(model_path: str, rows=(1, 2, 4, 8), steps: int = 20, serve_args=(), artifacts=None) -> dict:
+    """In-process ms per decode step: the single-sequence step for 1 row (what one slot runs);
+    for more, ``DecoderModel.decode_rows`` (``rows``) and the single step per sequence
+    (``each``), the two strategies a batched server step chooses between, after a short prompt."""
     import torch
     import edgesparse
-    llm = edgesparse.load(model_path, backend="cpu")
+    opts = dict(zip(serve_args[::2], serve_args[1::2]))
+    llm = edgesparse.load(model_path, backend="cpu", dtype=opts.get("--dtype"), weights=opts.get("--weights"),
+                          artifacts=artifacts)
     m, ids = llm.model, llm.engine.encode("Write a long story about a lighthouse keeper.")
 
     def prefilled():
@@ -75,28 +87,35 @@ def step_times(model_path: str, rows=(1, 2, 4, 8), steps: int = 20) -> dict:
         for b in rows:
             caches = [prefilled() for _ in range(b)]
 
-            def one_step():
-                if b == 1:
-                    c = caches[0]
-                    m.forward(torch.tensor([[5]]), c, torch.tensor([[c.length]]))
-                else:
-                    m.decode_rows([5] * b, caches, [c.length for c in caches])
-            for _ in range(3):
-                one_step()
-            t = []
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                one_step()
-                t.append(time.perf_counter() - t0)
-            ms = statistics.median(t) * 1e3
-            out[str(b)] = dict(ms_per_step=round(ms, 2), tok_s=round(1000 * b / ms, 1))
+            def single(c):
+                m.forward(torch.tensor([[5]]), c, torch.tensor([[c.length]]))
+
+            def timed(step):
+                for _ in range(3):
+                    step()
+                t = []
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    step()
+                    t.append(time.perf_counter() - t0)
+                ms = statistics.median(t) * 1e3
+                return dict(ms_per_step=round(ms, 2), tok_s=round(1000 * b / ms, 1))
+            if b == 1:
+                out["1"] = timed(lambda: single(caches[0]))
+                continue
+            out[str(b)] = {"rows": timed(lambda: m.decode_rows([5] * b, caches, [c.length for c in caches])),
+                           "each": timed(lambda: [single(c) for c in caches])}
     return out
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
-    ap.add_argument("--slots", type=int, default=4)
+    ap.add_argument("--slots", type=int, nargs="+", default=[4], help="slot counts besides 1")
+    ap.add_argument("--synthetic", choices=["tinyllama-1.1b"], default=None)
+    ap.add_argument("--work", default="/tmp/serve_parallel", help="where --synthetic writes its model")
+    ap.add_argument("--serve-args", default="", help="extra `edgesparse serve` options, e.g. \"--weights q4_0\"")
+    ap.add_argument("--sparse", action="store_true", help="also with calibrated predictor artifacts")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
@@ -111,20 +130,41 @@ def main():
     topics = ["a lighthouse keeper", "a lost cat", "the first day of school", "a storm at sea", "a robot chef",
               "an old map", "a mountain village", "a broken clock"]
     prompts = [f"Write a long story about {topics[i % len(topics)]} (number {i})." for i in range(a.clients)]
-    out = dict(model=Path(a.model).name, clients=a.clients, tokens_each=a.tokens, threads=a.threads,
-               bandwidth_gbs=round(bw, 2))
-    out["decode_step"] = step_times(a.model)
-    for slots in (1, a.slots):
-        s = Server(a.model, "--parallel", str(slots))
-        try:
-            one(s.base, "warm up", 4)
-            out[f"slots_{slots}"] = run(s.base, prompts, a.tokens)
-        finally:
-            s.stop()
-    base, par = out["slots_1"], out[f"slots_{a.slots}"]
-    out["same_answers"] = base.pop("texts") == par.pop("texts")
-    out["throughput_ratio"] = round(par["tok_s"] / base["tok_s"], 3)
-    out["median_latency_ratio"] = round(par["latency_median_s"] / base["latency_median_s"], 3)
+    serve_args = a.serve_args.split()
+    model = a.model
+    if a.synthetic:
+        sys.path.insert(0, str(ROOT / "bench" / "peers"))
+        from llamacpp import synthetic_hf
+        model = str(synthetic_hf(Path(a.work), act="relu", dtype="bfloat16"))
+    out = dict(model=a.synthetic or Path(model).name, clients=a.clients, tokens_each=a.tokens, threads=a.threads,
+               serve_args=a.serve_args, bandwidth_gbs=round(bw, 2))
+    variants = {"dense": None}
+    if a.sparse:
+        arts = Path(a.work) / "artifacts"
+        if not (arts / "manifest.json").exists():
+            import subprocess
+            subprocess.run([sys.executable, "-m", "edgesparse", "calibrate", model, "-o", str(arts), "--tokens", "4096",
+                            *(["--target-sparsity", "0.86"] if a.synthetic else []), *serve_args], check=True)
+        variants["sparse"] = str(arts)
+    slot_counts = [1] + [n for n in a.slots if n != 1]
+    for name, arts in variants.items():
+        extra = serve_args + (["--artifacts", arts] if arts else [])
+        res = out[name] = {"decode_step": step_times(model, tuple(slot_counts), serve_args=serve_args, artifacts=arts)}
+        for slots in slot_counts:
+            s = Server(model, *extra, "--parallel", str(slots))
+            try:
+                one(s.base, "warm up", 4)
+                res[f"slots_{slots}"] = run(s.base, prompts, a.tokens)
+            finally:
+                s.stop()
+        base = res["slots_1"]
+        for slots in slot_counts[1:]:
+            par = res[f"slots_{slots}"]
+            par["same_answers_as_1"] = base["texts"] == par["texts"]
+            par["throughput_ratio"] = round(par["tok_s"] / base["tok_s"], 3)
+            par["median_latency_ratio"] = round(par["latency_median_s"] / base["latency_median_s"], 3)
+        for slots in slot_counts:
+            res[f"slots_{slots}"].pop("texts")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))

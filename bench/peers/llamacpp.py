@@ -55,7 +55,9 @@ def build_llama_cpp(work: Path) -> Path:
     return src
 
 
-def synthetic_gguf(work: Path, src: Path, formats) -> dict[str, Path]:
+def synthetic_hf(work: Path, act: str = "silu", dtype: str = "float16") -> Path:
+    """A random-weight TinyLlama-1.1B-shape HF checkpoint with the Llama-2 tokenizer (the seed
+    and init of edgesparse's synthetic_model), made once under ``work``."""
     import shutil
 
     import torch
@@ -63,14 +65,19 @@ def synthetic_gguf(work: Path, src: Path, formats) -> dict[str, Path]:
 
     from edgesparse.benchmarks.decode import SYNTHETIC
     from edgesparse.eval.data import find_data_dir
-    hf = work / "tinyllama-synth"
+    hf = work / ("tinyllama-synth" if act == "silu" else f"tinyllama-synth-{act}")
     if not (hf / "config.json").exists():
-        cfg = LlamaConfig(hidden_act="silu", tie_word_embeddings=False, **SYNTHETIC["tinyllama-1.1b"])
+        cfg = LlamaConfig(hidden_act=act, tie_word_embeddings=False, **SYNTHETIC["tinyllama-1.1b"])
         cfg.architectures = ["LlamaForCausalLM"]
-        torch.manual_seed(0)   # the seed and init of edgesparse's synthetic_model
-        LlamaForCausalLM(cfg).to(torch.float16).save_pretrained(hf, safe_serialization=True)
+        torch.manual_seed(0)
+        LlamaForCausalLM(cfg).to(getattr(torch, dtype)).save_pretrained(hf, safe_serialization=True)
         shutil.copy(find_data_dir() / "llama2-tokenizer.model", hf / "tokenizer.model")
         LlamaTokenizer.from_pretrained(hf).save_pretrained(hf)
+    return hf
+
+
+def synthetic_gguf(work: Path, src: Path, formats) -> dict[str, Path]:
+    hf = synthetic_hf(work)
     f16 = work / "tinyllama-synth-f16.gguf"
     if not f16.exists():
         env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"))

@@ -45,15 +45,19 @@ def test_static_step_equals_eager_decode(ckpt_factory, monkeypatch, family, over
     assert [int(x.argmax()) for x in eager] == [int(x.argmax()) for x in static]
 
 
-@pytest.mark.parametrize("mode", ["exact", "predictor"])
-def test_static_step_on_the_triton_kernels_keeps_tokens_and_counts(monkeypatch, mode):
-    """tiny (ReGLU, calibrated) on the cuda executor's sync-free kernels (interpreted here)."""
-    from edgesparse.embedded import TINY_ARTIFACTS
-    llm = _load("tiny", monkeypatch, lambda: CudaExecutor("cuda" if GPU else "cpu", use_triton=True),
-                artifacts=TINY_ARTIFACTS)
-    llm.set_ffn_mode(mode)
-    p = SamplingParams(max_new_tokens=6, stop_token_ids=[])
-    ids = llm.engine.encode("The history of the city")
+def test_static_step_on_the_triton_kernels_keeps_tokens_and_counts(llama_relu, monkeypatch, tmp_path):
+    """A calibrated ReGLU model on the cuda executor's sync-free kernels (interpreted here: a
+    small model, since the interpreter runs every program in Python)."""
+    from conftest import TEXT
+    data = tmp_path / "calib.txt"
+    data.write_text(TEXT * 20)
+    arts = edgesparse.calibrate(llama_relu, tmp_path / "a", data=[data], backend="cpu", tokens=512, window=64,
+                                rank=16)["artifacts"]
+    llm = _load(llama_relu, monkeypatch, lambda: CudaExecutor("cuda" if GPU else "cpu", use_triton=True),
+                artifacts=arts)
+    assert llm.model.ffn_mode == "predictor"
+    p = SamplingParams(max_new_tokens=8, stop_token_ids=[])
+    ids = llm.engine.encode("The quick brown fox")
     llm.model.stats.reset()
     eager = llm.engine.generate_ids([ids], p)[0].token_ids
     eager_stats = llm.model.stats.summary()
@@ -62,8 +66,8 @@ def test_static_step_on_the_triton_kernels_keeps_tokens_and_counts(monkeypatch, 
     static = llm.engine.generate_ids([ids], p)[0].token_ids
     assert static == eager
     got = llm.model.stats.summary()
-    assert got["ffn_sparsity"] == pytest.approx(eager_stats["ffn_sparsity"]) and got["ffn_sparsity"] > 0.5
-    assert got["gate_sparsity"] == pytest.approx(eager_stats["gate_sparsity"])
+    assert got["gate_sparsity"] == pytest.approx(eager_stats["gate_sparsity"]) and got["gate_sparsity"] > 0
+    assert got["ffn_sparsity"] == pytest.approx(eager_stats["ffn_sparsity"]) and got["ffn_sparsity"] > 0
 
 
 class _OpLog(TorchDispatchMode):
