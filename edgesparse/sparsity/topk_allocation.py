@@ -5,22 +5,23 @@ differ in how much a per-token Top-K of their input hurts, so this allocation me
 
 1. ``sample_blocks``: a dense pass over a few calibration windows keeps, per layer, the
    residual stream entering the attention and the MLP block (the RMSNorm inputs).
-2. ``block_error_curves``: per block and per sparsity level on a grid, the block's output is
-   recomputed with the real Top-K arithmetic of the installed model (rotated input Top-K at
-   the rotated site's K, magnitude Top-K of o's / down's input at the unrotated site's K,
-   both from ``larosa._block_ks``; attention recomputed with RoPE over the whole window) and
-   compared with the dense output.  The error is ``Σ‖Δout‖² / Σ‖residual‖²``: what the block
-   adds to the residual stream relative to the stream itself, so blocks of different layers
-   are on one scale (a late layer's larger stream absorbs a larger absolute error).
-3. ``greedy_levels``: TEAL-style greedy.  Every block starts at its lower bound; the block
-   whose next ``step`` of sparsity adds the least measured error per weight it stops
-   reading takes it, until the parameter-weighted sparsity of all Top-K linears equals the
-   requested one exactly (the last step is cut to fit).
+2. ``block_error_curves`` (the shape): per block and per sparsity level on a grid, the
+   block's output recomputed with the real Top-K arithmetic of the installed model (rotated
+   input Top-K at the rotated site's K, magnitude Top-K of o's / down's input at the
+   unrotated site's K, both from ``larosa._block_ks``; attention with RoPE over whole
+   windows), its error relative to the dense output.
+3. ``final_hidden_errors`` (the scale): per block, the error of the model's final normed
+   hidden state when only that block is sparse, at its target.  Block-local errors alone
+   lost to uniform (docs/accuracy.md): they miss how much the later layers amplify an error.
+4. ``greedy_levels``: TEAL-style greedy.  Every block starts at its lower bound; the block
+   whose next ``step`` of sparsity adds the least error per weight it stops reading takes
+   it, until the parameter-weighted sparsity of all Top-K linears equals the requested one
+   exactly (the last step is cut to fit).
 
-The previous ``greedy`` allocation (``larosa.allocate_topk``) ranked blocks by an estimate
-(energy of the lowest-variance rotated coordinates) and lost to uniform; these errors are
-measured on the Top-K outputs themselves.  Errors are measured with dense inputs to every
-block (as TEAL does), so they do not compound; ``eval ppl --compare`` is the end-to-end check."""
+The older ``greedy`` allocation (``larosa.allocate_topk``) ranked blocks by an estimate
+(energy of the lowest-variance rotated coordinates) and lost to uniform.  Here every error is
+measured on Top-K outputs, with dense inputs to the sparse block (errors of several sparse
+blocks are taken to add); ``eval ppl --compare`` is the end-to-end check."""
 from __future__ import annotations
 
 import torch
@@ -33,7 +34,8 @@ from . import larosa
 
 DEFAULT_SAMPLE_TOKENS = 1024
 DEFAULT_STEP = 0.05
-DEFAULT_SPREAD = 0.2    # bounds per block: the asked sparsity ± spread (see docs/accuracy.md)
+DEFAULT_FINAL_TOKENS = 512   # tokens carried to the final hidden state, per block (the scale)
+DEFAULT_SPREAD = 0.1    # bounds per block: the asked sparsity ± spread (see docs/accuracy.md)
 MAX_LEVEL = 0.9          # no block keeps fewer than 10% of its weights (1.2x share: 0.99 cap)
 
 
@@ -135,19 +137,24 @@ def block_runner(model, li: int, site: str, x: torch.Tensor, q: torch.Tensor | N
             return _keep_topk(att, ku) @ wo.T + bo
         return run
     wgu, down_t, ff = fold(torch.cat([mats["gate"], mats["up"]])), mats["down_t"], spec.intermediate
+    act = F.relu if spec.is_reglu else F.silu
 
     def run(kr, ku):
         gu = _keep_topk(xr, kr) @ wgu.T
-        return _keep_topk(F.silu(gu[..., :ff]) * gu[..., ff:], ku) @ down_t
+        return _keep_topk(act(gu[..., :ff]) * gu[..., ff:], ku) @ down_t
     return run
 
 
 def block_error_curves(model, samples: dict, rot: dict | None, levels: list[float],
-                       sites=("attn", "mlp"), relative_to: str = "residual") -> dict:
+                       sites=("attn", "mlp"), relative_to: str = "output", span=(0.0, 1.0)) -> dict:
     """``{(layer, site): tensor[len(levels)]}``: each block's measured output error at each
     block sparsity in ``levels`` (``rot``: the fitted rotation tensors, None for magnitude),
-    relative to the residual stream entering it (``relative_to="output"``: to its dense
-    output instead, for comparison)."""
+    relative to its dense output (``relative_to="residual"``: to the residual stream
+    entering it, which SmolLM2's few huge residual entries make tiny from layer 12 on, so a
+    greedy on it piles the sparsity there and loses).  Only levels within one grid step of ``span`` are
+    measured (the greedy never leaves its bounds); the others are NaN."""
+    step = levels[1] - levels[0]
+    want = [span[0] - step - 1e-9 <= s <= span[1] + step + 1e-9 for s in levels]
     spec, out = model.spec, {}
     with torch.inference_mode():
         for i, layer in enumerate(model.layers):
@@ -160,8 +167,45 @@ def block_error_curves(model, samples: dict, rot: dict | None, levels: list[floa
                 denom = (dense if relative_to == "output" else x).pow(2).sum().clamp(min=1e-30).item()
                 out[(i, site)] = torch.tensor(
                     [(run(*larosa._block_ks(spec, site, s)) - dense).pow(2).sum().item() / denom
-                     for s in levels], dtype=torch.float64)
+                     if w else float("nan") for s, w in zip(levels, want)], dtype=torch.float64)
     return out
+
+
+def final_hidden_errors(model, samples: dict, rot: dict | None, targets: dict, tokens: int) -> dict:
+    """``{(layer, site): e}``: the relative error of the model's final normed hidden state
+    when only that block runs Top-K at its site's target sparsity (``targets[site]``) and
+    every other block is dense, over about ``tokens`` sampled tokens.  A block's own output
+    error says nothing of how much the layers after it amplify or absorb it (SmolLM2: the
+    first MLP's relative error is among the smallest, its effect on the output the largest).
+    Every block's perturbed stream is carried through the later layers at once, a layer's
+    weights read once for all of them."""
+    spec = model.spec
+    first = samples["layers.0.attn_in"]
+    n_win = max(1, min(len(first), round(tokens / first.shape[1])))
+    big = spec.hidden + 2 * spec.intermediate + spec.n_heads * spec.head_dim   # K beyond every width
+    owners, pert, x = [], None, None
+    with torch.inference_mode():
+        for i, layer in enumerate(model.layers):
+            mats = {k: v.float().cpu() for k, v in larosa._float_layer(model, i, layer).items()}
+            for site in ("attn", "mlp"):
+                x = samples[f"layers.{i}.{site}_in"][:n_win]
+                if pert is not None:   # the streams perturbed earlier go through this block densely
+                    flat = pert.flatten(0, 1)
+                    pert = (flat + block_runner(model, i, site, flat, None, mats)(big, big)).view(pert.shape)
+                if site in targets:
+                    q = None if rot is None else rot[f"layers.{i}.rotation.{site}"]
+                    y = x + block_runner(model, i, site, x, q, mats)(*larosa._block_ks(spec, site, targets[site]))
+                    pert = y[None] if pert is None else torch.cat([pert, y[None]])
+                    owners.append((i, site))
+            if i == spec.n_layers - 1:
+                x = x + block_runner(model, i, "mlp", x, None, mats)(big, big)
+    g = model.norm.float().cpu()
+
+    def normed(h):
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + spec.eps) * g
+    ref = normed(x)
+    err = (normed(pert) - ref).pow(2).sum(-1) / ref.pow(2).sum(-1).clamp(min=1e-30)
+    return {b: err[j].mean().item() for j, b in enumerate(owners)}
 
 
 def block_params(spec, site: str) -> int:
@@ -217,10 +261,15 @@ def greedy_levels(curves: dict, params: dict, targets: dict, levels: list[float]
 
 def allocate(model, windows: torch.Tensor, rot: dict | None, attn_sparsity, mlp_sparsity,
              sample_tokens: int = DEFAULT_SAMPLE_TOKENS, spread: float = DEFAULT_SPREAD,
-             step: float = DEFAULT_STEP) -> tuple[list[dict], dict]:
+             step: float = DEFAULT_STEP, final_tokens: int = DEFAULT_FINAL_TOKENS) -> tuple[list[dict], dict]:
     """Per-layer Top-K sizes (``install_topk``'s list form, each with its blocks' sparsities)
-    and a summary (the measured and the uniform error sums, the model-level sparsity of the
-    K's), for the asked attention / MLP sparsities."""
+    and a summary (the predicted final-hidden error sums of this and the uniform allocation,
+    the model-level sparsity of the K's), for the asked attention / MLP sparsities.
+
+    Each block's error curve is its own output error over the sparsity grid (the shape),
+    scaled so that at the block's target it equals the final-hidden error the block causes
+    there (``final_hidden_errors``): the shape costs one block pass per level, the scale one
+    pass through the rest of the model per block, at one level only."""
     spec = model.spec
     if not 0 < spread <= 1:
         raise InvalidOptionError(f"allocation spread must be in (0, 1], got {spread}")
@@ -228,11 +277,16 @@ def allocate(model, windows: torch.Tensor, rot: dict | None, attn_sparsity, mlp_
     if not spec.is_reglu and mlp_sparsity:
         targets["mlp"] = mlp_sparsity
     sites = tuple(s for s, t in targets.items() if t)
+    if any(targets[s] > MAX_LEVEL for s in sites):   # before the sampling pass, not after it
+        raise InvalidOptionError(f"Top-K sparsity must be at most {MAX_LEVEL} per block for the measured allocation")
     levels = [round(j * step, 6) for j in range(int(round(MAX_LEVEL / step)) + 1)]
     samples = sample_blocks(model, windows, sample_tokens)
-    curves = block_error_curves(model, samples, rot, levels, sites)
+    span = (min(targets[s] for s in sites) - spread, max(targets[s] for s in sites) + spread)
+    local = block_error_curves(model, samples, rot, levels, sites, span=span)
+    tgt = {b: targets[b[1]] for b in local}
+    final = final_hidden_errors(model, samples, rot, {s: targets[s] for s in sites}, final_tokens)
+    curves = {b: c * (final[b] / max(_interp(c, levels, tgt[b]), 1e-12)) for b, c in local.items()}
     params = {b: block_params(spec, b[1]) for b in curves}
-    tgt = {b: targets[b[1]] for b in curves}
     lv = greedy_levels(curves, params, tgt, levels, spread)
     uniform = larosa.topk_sizes(spec, attn_sparsity, mlp_sparsity)
     out = []
@@ -247,7 +301,7 @@ def allocate(model, windows: torch.Tensor, rot: dict | None, attn_sparsity, mlp_
     def err_at(levels_of):
         return sum(_interp(curves[b], levels, levels_of[b]) for b in curves)
     summary = dict(error_measured=round(err_at(lv), 6), error_uniform=round(err_at(tgt), 6),
-                   sample_tokens=int(next(iter(samples.values())).shape[:2].numel()),
+                   sample_tokens=int(next(iter(samples.values())).shape[:2].numel()), final_tokens=final_tokens,
                    spread=spread, step=step, sparsity=round(k_sparsity(spec, out, sites), 6))
     return out, summary
 
@@ -257,6 +311,8 @@ def _interp(curve, levels, s):
     step = levels[1] - levels[0]
     j = min(int(s / step + 1e-9), len(levels) - 2)
     t = (s - levels[j]) / step
+    if t < 1e-12:   # on the grid: the next point may lie outside the measured span
+        return curve[j].item()
     return (1 - t) * curve[j].item() + t * curve[j + 1].item()
 
 
