@@ -31,10 +31,12 @@ from edgesparse.models.weights import ReGLUMLP, gated_mlp
 from edgesparse.sparsity.ffn import StatsBook, record_gather
 
 # Share of a layer's neurons above which a decode batch's candidate union runs the dense FFN
-# instead of gathering.  Measured on the 2-core dev CPU (bench/vllm_break_even.py,
-# bench/results/vllm_break_even.json): on the TinyLlama FFN shape the union path is as fast
-# as the dense FFN at ~40-50% of the rows for 2-8 tokens, fp32 and bf16.  Override with the
-# hf-override key ``edgesparse_union_break_even``.
+# instead of gathering.  Measured on the 2-core dev CPU, TinyLlama's FFN shape, bf16, through
+# vLLM (bench/vllm_concurrency.py, bench/results/vllm_concurrency_tinyllama.json): at a mean
+# union of 0.35 the union path decoded 24-25 tok/s against 17 dense, at 0.50 24 against 30-32.
+# (The FFN alone, bench/vllm_break_even.py, crosses later, near 0.6-0.7: the end-to-end figure
+# includes the predictor and the per-step index work.)  Override with the hf-override key
+# ``edgesparse_union_break_even``; other machines and devices have other break-evens.
 UNION_BREAK_EVEN = 0.45
 FFN_MODES = ("dense", "exact", "predictor")
 

@@ -2,7 +2,7 @@
 ~20 s on 2 cores, so every test reads this one run's results).  vLLM starts its engine core in
 a spawned process, hence a script with a ``__main__`` guard.
 
-    python tests/vllm/engines.py SWIGLU_DIR RELU_DIR TINY_DIR TINY_ARTIFACTS OUT.json
+    python tests/vllm/engines.py SWIGLU_DIR RELU_DIR QWEN2_DIR MISTRAL_DIR TINY_DIR TINY_ARTIFACTS OUT.json
 
 Writes JSON: greedy token ids per engine and prompt, the plugin's batch-path counters, and
 the error a foreign artifact dir raised."""
@@ -35,11 +35,14 @@ def run(model, prompts_alone=True, **kw):
     return res
 
 
-def main(swiglu, relu, tiny, tiny_arts, out):
+def main(swiglu, relu, qwen2, mistral, tiny, tiny_arts, out):
     plugin = lambda **o: {"hf_overrides": {"architectures": ["EdgeSparseLlamaForCausalLM"], **o}}  # noqa: E731
     results = {"prompts": PROMPTS}
     results["stock_swiglu"] = run(swiglu, prompts_alone=False)
     results["plugin_swiglu_dense"] = run(swiglu, prompts_alone=False, **plugin())
+    for name, path, arch in (("qwen2", qwen2, "EdgeSparseQwen2ForCausalLM"),
+                             ("mistral", mistral, "EdgeSparseMistralForCausalLM")):
+        results[f"plugin_{name}_dense"] = run(path, prompts_alone=False, hf_overrides={"architectures": [arch]})
     # break-even 1.0: batches always take the candidate union, so "batch == alone" tests the
     # union path itself (the dense fallback is tested in test_mlp.py)
     results["plugin_tiny_predictor"] = run(tiny, **plugin(edgesparse_artifacts=tiny_arts,
@@ -54,4 +57,4 @@ def main(swiglu, relu, tiny, tiny_arts, out):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:6])
+    main(*sys.argv[1:8])

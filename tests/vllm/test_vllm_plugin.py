@@ -23,32 +23,55 @@ TINY_ARTS = TINY.parent / "tiny-artifacts"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def random_llama(path: Path, act: str, seed: int) -> Path:
-    """A small random Llama saved by transformers, with the embedded model's tokenizer."""
+def random_model(path: Path, act: str, seed: int, family: str = "Llama") -> Path:
+    """A small random model of a transformers family (Llama, Qwen2, Mistral) saved by
+    transformers, with the embedded model's tokenizer."""
     import shutil
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=8192, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      hidden_act=act, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
-    LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(path)
+    cfg = getattr(transformers, f"{family}Config")(
+        vocab_size=8192, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, hidden_act=act, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=0)
+    model = getattr(transformers, f"{family}ForCausalLM")(cfg).to(torch.float32)
+    with torch.no_grad():   # transformers initialises biases to 0: make Qwen2's q/k/v biases count
+        for name, prm in model.named_parameters():
+            if name.endswith("_proj.bias"):
+                prm.normal_(0, 0.5)
+    model.save_pretrained(path)
     for f in TOKENIZER_FILES:
         shutil.copy(TINY / f, path / f)
     return path
 
 
+def transformers_tokens(path: Path, family: str, prompts, n):
+    """Greedy tokens of transformers' own implementation of the family (fp32)."""
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path)
+    model = getattr(transformers, f"{family}ForCausalLM").from_pretrained(path, dtype=torch.float32).eval()
+    out = []
+    for p in prompts:
+        ids = torch.tensor([tok(p)["input_ids"]])
+        gen = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        out.append(gen[0, ids.shape[1]:].tolist())
+    return out
+
+
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     d = tmp_path_factory.mktemp("vllm")
-    swiglu = random_llama(d / "swiglu", "silu", 0)
-    relu = random_llama(d / "relu", "relu", 1)
+    models = dict(swiglu=random_model(d / "swiglu", "silu", 0), relu=random_model(d / "relu", "relu", 1),
+                  qwen2=random_model(d / "qwen2", "silu", 2, "Qwen2"),
+                  mistral=random_model(d / "mistral", "silu", 3, "Mistral"))
     out = d / "engines.json"
-    proc = subprocess.run([sys.executable, str(HERE / "engines.py"), str(swiglu), str(relu), str(TINY),
+    proc = subprocess.run([sys.executable, str(HERE / "engines.py"), *map(str, models.values()), str(TINY),
                            str(TINY_ARTS), str(out)], capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
-    return json.loads(out.read_text()), log
+    return json.loads(out.read_text()), log, models
 
 
 def own_engine_tokens(prompts, n):
@@ -59,7 +82,7 @@ def own_engine_tokens(prompts, n):
 
 
 def test_dense_plugin_equals_stock_vllm_llama(engines):
-    res, _ = engines
+    res = engines[0]
     stock, ours = res["stock_swiglu"], res["plugin_swiglu_dense"]
     assert all(len(t) == 20 for t in stock["batch"])
     assert ours["batch"] == stock["batch"]
@@ -69,8 +92,16 @@ def test_dense_plugin_equals_stock_vllm_llama(engines):
     assert paths["dense"] > 0
 
 
+@pytest.mark.parametrize("family", ["Qwen2", "Mistral"])
+def test_other_families_dense_equal_transformers(engines, family):
+    """The Qwen2 (q/k/v biases) and Mistral classes, dense, against transformers' greedy tokens."""
+    res, _, models = engines
+    want = transformers_tokens(models[family.lower()], family, res["prompts"], 20)
+    assert res[f"plugin_{family.lower()}_dense"]["batch"] == want
+
+
 def test_reglu_predictor_equals_own_engine(engines):
-    res, _ = engines
+    res = engines[0]
     tiny = res["plugin_tiny_predictor"]
     assert tiny["alone"] == own_engine_tokens(res["prompts"], 20)
     st = tiny["stats"]
@@ -80,7 +111,7 @@ def test_reglu_predictor_equals_own_engine(engines):
 
 
 def test_batch_of_four_equals_each_alone(engines):
-    res, _ = engines
+    res = engines[0]
     tiny = res["plugin_tiny_predictor"]
     assert len(set(map(tuple, tiny["batch"]))) == 4   # four different continuations
     assert tiny["batch"] == tiny["alone"]
@@ -91,7 +122,7 @@ def test_batch_of_four_equals_each_alone(engines):
 
 
 def test_foreign_artifacts_refused_with_edgesparse_error(engines):
-    res, log = engines
+    res, log, _ = engines
     assert res["foreign_artifacts_error"] is not None
     assert "FingerprintMismatchError" in log and "were calibrated for another model" in log
 
