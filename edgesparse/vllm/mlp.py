@@ -164,9 +164,13 @@ class Runtime:
     def __init__(self, ex, mode: str = "dense", break_even: float = UNION_BREAK_EVEN):
         if mode not in FFN_MODES:
             raise InvalidOptionError(f"edgesparse_ffn_mode must be one of {', '.join(FFN_MODES)}, got {mode!r}")
-        if not 0.0 <= float(break_even) <= 1.0:
-            raise InvalidOptionError(f"edgesparse_union_break_even must be in [0, 1], got {break_even!r}")
-        self.ex, self.mode, self.break_even = ex, mode, float(break_even)
+        try:
+            share = float(break_even)
+        except (TypeError, ValueError):
+            share = float("nan")
+        if not 0.0 <= share <= 1.0:   # NaN fails too
+            raise InvalidOptionError(f"edgesparse_union_break_even must be a number in [0, 1], got {break_even!r}")
+        self.ex, self.mode, self.break_even = ex, mode, share
         self.plan = StepPlan()
         self.counters = BatchCounters()
         self.stats = StatsBook()

@@ -120,14 +120,14 @@ class EdgeSparseLlamaForCausalLM(LlamaForCausalLM):
                                         "parallel size 1); the FFN executor is single-device")
         artifacts = getattr(config, "edgesparse_artifacts", None)
         mode = getattr(config, "edgesparse_ffn_mode", None) or ("predictor" if artifacts else "dense")
+        break_even = getattr(config, "edgesparse_union_break_even", None)
+        rt = Runtime(executor_for_platform(), mode, UNION_BREAK_EVEN if break_even is None else break_even)
         if mode != "dense" and not spec.is_reglu:
             raise InvalidOptionError(f"ffn mode {mode!r} needs a ReGLU model (hidden_act=relu)")
         if mode == "predictor" and not artifacts:
             raise InvalidOptionError("ffn mode 'predictor' needs calibration artifacts (edgesparse_artifacts)")
         if mode != "dense" and vllm_config.compilation_config.cudagraph_mode not in (None, CUDAGraphMode.NONE):
             raise InvalidOptionError("the sparse FFN's shapes depend on the data: run vLLM with --enforce-eager")
-        rt = Runtime(executor_for_platform(), mode,
-                     getattr(config, "edgesparse_union_break_even", None) or UNION_BREAK_EVEN)
         # Plain attributes before nn.Module.__init__ (which _init_model, called inside it, reads).
         for k, v in (("_es_spec", spec), ("_es_artifacts", artifacts), ("_es_runtime_init", rt)):
             object.__setattr__(self, k, v)

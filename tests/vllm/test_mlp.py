@@ -125,7 +125,8 @@ def test_no_plan_runs_dense(own):
     assert mlp.runtime.counters.union == mlp.runtime.counters.single == 0
 
 
-@pytest.mark.parametrize("kw", [dict(mode="topk"), dict(break_even=1.5), dict(break_even=-0.1)])
+@pytest.mark.parametrize("kw", [dict(mode="topk"), dict(break_even=1.5), dict(break_even=-0.1),
+                                dict(break_even="half")])
 def test_bad_options_raise_one_edgesparse_error(kw):
     with pytest.raises(InvalidOptionError) as e:
         Runtime(get_executor("cpu"), **kw)
