@@ -120,3 +120,16 @@ def test_bad_allocation_options_exit_2(ckpt_factory, textfile, tmp_path, capsys)
         assert main(base + ["-o", str(tmp_path / "x")] + extra) == 2
         err = capsys.readouterr().err
         assert err.startswith("edgesparse: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_final_hidden_errors_grow_with_sparsity(ckpt_factory, textfile):
+    """Each block's final-hidden error is ~0 at K = all-but-rounding and grows with its sparsity;
+    blocks of every layer are measured, each alone."""
+    from edgesparse.eval.data import read_texts, token_windows
+    llm = edgesparse.load(ckpt_factory("llama", "silu", num_hidden_layers=2), backend="cpu")
+    text, _ = read_texts([textfile])
+    samples = ta.sample_blocks(llm.model, token_windows(llm.tokenizer, text, 32, 128), 64)
+    errs = [ta.final_hidden_errors(llm.model, samples, None, {"attn": s, "mlp": s}, 64) for s in (1e-6, 0.3, 0.6)]
+    assert sorted(errs[0]) == [(0, "attn"), (0, "mlp"), (1, "attn"), (1, "mlp")]
+    for b in errs[0]:
+        assert errs[0][b] < 1e-9 < errs[1][b] < errs[2][b]
