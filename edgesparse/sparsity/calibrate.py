@@ -95,6 +95,8 @@ def calibrate_model(model, tokenizer, out, data=None, tokens: int = DEFAULT_TOKE
                                  f"got {topk_allocation!r}")
     if topk_spread is not None and topk_allocation != "measured":
         raise InvalidOptionError("--topk-spread bounds the measured allocation: give --topk-allocation measured")
+    if topk_allocation == "measured" and topk_scaled:   # its errors are measured with unscaled Top-K
+        raise InvalidOptionError("--topk-allocation measured does not support --topk-scaled")
     if topk_spread is not None and not 0 < topk_spread <= 1:
         raise InvalidOptionError(f"topk spread must be in (0, 1], got {topk_spread}")
     if rotation not in larosa.ROTATIONS:

@@ -113,10 +113,12 @@ def test_measured_allocation_artifacts_load_and_decode(ckpt_factory, textfile, t
 
 def test_bad_allocation_options_exit_2(ckpt_factory, textfile, tmp_path, capsys):
     path = str(ckpt_factory("llama", "silu", num_hidden_layers=4))
+    capsys.readouterr()   # the fixture's own progress output
     base = ["--quiet", "calibrate", path, "--data", str(textfile), "--tokens", "1024", "--attn-sparsity", "0.4"]
     for extra in (["--topk-allocation", "best"], ["--topk-spread", "0.1"],
                   ["--topk-allocation", "measured", "--topk-spread", "0"],
-                  ["--topk-allocation", "measured", "--attn-sparsity", "0.95"]):
+                  ["--topk-allocation", "measured", "--attn-sparsity", "0.95"],
+                  ["--topk-allocation", "measured", "--topk-scaled"]):
         assert main(base + ["-o", str(tmp_path / "x")] + extra) == 2
         err = capsys.readouterr().err
         assert err.startswith("edgesparse: error:") and len(err.strip().splitlines()) == 1
