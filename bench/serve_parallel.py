@@ -34,17 +34,22 @@ sys.path.insert(0, str(ROOT / "tests" / "apps"))
 from serve_util import Server  # noqa: E402  (the test suite's server launcher)
 
 
+CHAT = True   # chat completions; plain completions for a model without a chat template (--synthetic)
+
+
 def one(base: str, prompt: str, tokens: int) -> dict:
     model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
-            "temperature": 0, "stream": True}
+    body = {"model": model, "max_tokens": tokens, "temperature": 0, "stream": True,
+            **({"messages": [{"role": "user", "content": prompt}]} if CHAT else {"prompt": prompt})}
     t0, first, text = time.perf_counter(), None, ""
-    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=600) as r:
+    with httpx.stream("POST", base + ("/v1/chat/completions" if CHAT else "/v1/completions"), json=body,
+                      timeout=600) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{r.status_code}: {r.read().decode()}")
         for line in r.iter_lines():
             if line.startswith("data: {"):
-                piece = json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                ch = json.loads(line[6:])["choices"][0]
+                piece = (ch["delta"].get("content") if CHAT else ch.get("text")) or ""
                 if piece and first is None:
                     first = time.perf_counter()
                 text += piece
@@ -133,6 +138,8 @@ def main():
     serve_args = a.serve_args.split()
     model = a.model
     if a.synthetic:
+        global CHAT
+        CHAT = False
         sys.path.insert(0, str(ROOT / "bench" / "peers"))
         from llamacpp import synthetic_hf
         model = str(synthetic_hf(Path(a.work), act="relu", dtype="bfloat16"))
