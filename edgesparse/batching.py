@@ -116,14 +116,16 @@ class BatchDecoder:
         else:
             choice = self.choices.setdefault(len(seqs), StepChoice())
             strategy = self.strategy or choice.next()
+            probing = self.strategy is None and choice.chosen is None
             t0 = time.perf_counter()
             if strategy == "each":
                 logits = torch.cat([self._single(s) for s in seqs])
             else:
                 logits = self.model.decode_rows([s.pending for s in seqs], [s.cache for s in seqs],
                                                 [s.position for s in seqs])
-            self.model.ex.synchronize()
-            choice.record(strategy, time.perf_counter() - t0)
+            if probing:   # only probe steps are timed: a device sync per step would stall the queue
+                self.model.ex.synchronize()
+                choice.record(strategy, time.perf_counter() - t0)
         for j, s in enumerate(seqs):
             self._take(s, logits[j:j + 1])
         return live

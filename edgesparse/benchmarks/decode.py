@@ -103,9 +103,9 @@ def bench_decode(model_path=None, synthetic=None, backend="cpu", dtype="bf16", p
 
         def engine_rows(name, mode):
             model.set_ffn_mode(mode)
-            for g in variants:
-                model.graph_decode = g
-                res.setdefault(name + ("_graph" if g else ""), []).append(_engine_tok_s(engine, ids, new_tokens))
+            for graphed in variants:
+                model.graph_decode = graphed
+                res.setdefault(name + ("_graph" if graphed else ""), []).append(_engine_tok_s(engine, ids, new_tokens))
             model.graph_decode = False
 
         with torch.inference_mode():
