@@ -199,7 +199,8 @@ def weight_bytes_per_token(model, ffn_mode: str, topk: bool, stats: dict) -> int
 def _breakdown(tok_s: float, nbytes: int, bw_gbs: float) -> dict:
     """Per-token time against the time its weight bytes take at the measured read bandwidth."""
     token_ms, floor_ms = 1000 / tok_s, nbytes / bw_gbs / 1e6
-    return dict(weight_mb=round(nbytes / 1e6, 3), token_ms=round(token_ms, 2), streaming_ms=round(floor_ms, 2),
+    # 4 decimals: a small model's floor at a quiet VM's bandwidth is a few µs (2 rounded it to 0)
+    return dict(weight_mb=round(nbytes / 1e6, 3), token_ms=round(token_ms, 4), streaming_ms=round(floor_ms, 4),
                 non_streaming_share=round(1 - floor_ms / token_ms, 3))
 
 
