@@ -176,6 +176,17 @@ class Executor(ABC):
         ``(x_out [d], [(gate_rows, active_rows) per layer])``."""
         return None
 
+    def decode_layers_rows(self, steps: list[LayerStep], x: torch.Tensor, caches_k: list[list[torch.Tensor]],
+                           caches_v: list[list[torch.Tensor]], cos: torch.Tensor, sin: torch.Tensor,
+                           slots: list[int], firsts: list[int]):
+        """One decode step of B independent sequences through every layer in one call
+        (continuous batching): ``x [B, d]``, ``caches_*[b][l]`` sequence b's layer-l cache,
+        ``cos``/``sin [B, head_dim]``, ``slots``/``firsts`` per sequence as in
+        ``decode_attention``.  Each token's result must be the one ``decode_layers`` gives it
+        alone.  Returns ``(x_out [B, d], counts [n_layers, B, 2])`` or None to have the decoder
+        compose the step (the default)."""
+        return None
+
     def decode_attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
                          cache_v: torch.Tensor, slot: int, first: int, n_heads: int) -> torch.Tensor:
         """Attention for one new token of one sequence with no padding: ``qkv [nq + 2 nkv]``

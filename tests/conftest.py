@@ -47,7 +47,8 @@ def make_config(family: str, act: str = "relu", **over):
     return cls(**kw)
 
 
-def make_checkpoint(out: Path, family: str = "llama", act: str = "relu", seed: int = 0, **over) -> Path:
+def make_checkpoint(out: Path, family: str = "llama", act: str = "relu", seed: int = 0,
+                    dtype: torch.dtype = torch.float32, **over) -> Path:
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
     cfg = make_config(family, act, **over)
@@ -58,7 +59,7 @@ def make_checkpoint(out: Path, family: str = "llama", act: str = "relu", seed: i
                 p.normal_(0, 0.08)
             elif p.dim() == 1 and p.shape[0] != cfg.hidden_size:  # biases
                 p.normal_(0, 0.05)
-    model.save_pretrained(out, safe_serialization=True)
+    model.to(dtype).save_pretrained(out, safe_serialization=True)
     make_tokenizer(out)
     return out
 

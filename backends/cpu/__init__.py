@@ -89,19 +89,30 @@ class CpuExecutor(TorchExecutor):
             return None
         return layer_step.run(plan, x, cache_k, cache_v, cos, sin, slot, first)
 
-    def decode_layers(self, steps, x, caches_k, caches_v, cos, sin, slot, first):
+    def _stack(self, steps, caches_k, act_dtype):
         c = caches_k[0]
-        key = (tuple(map(id, steps)), tuple(c.shape), c.dtype, x.dtype)
+        key = (tuple(map(id, steps)), tuple(c.shape), c.dtype, act_dtype)
         stacks = self.__dict__.setdefault("_layer_stacks", {})
         if key not in stacks:
             if len(stacks) > 256:
                 stacks.clear()
-            plans = [self._plan(s, k[0], x.dtype) for s, k in zip(steps, caches_k)]
+            plans = [self._plan(s, k[0], act_dtype) for s, k in zip(steps, caches_k)]
             stacks[key] = (steps, None if any(p is None for p in plans) else layer_step.Stack(plans))
-        stack = stacks[key][1]
+        return stacks[key][1]
+
+    def decode_layers(self, steps, x, caches_k, caches_v, cos, sin, slot, first):
+        stack = self._stack(steps, caches_k, x.dtype)
         if stack is None:
             return None
         return layer_step.run_all(stack, x, caches_k, caches_v, cos, sin, slot, first)
+
+    def decode_layers_rows(self, steps, x, caches_k, caches_v, cos, sin, slots, firsts):
+        # the descriptors of the first sequence's cache shape serve all: the C step takes each
+        # sequence's own length
+        stack = self._stack(steps, caches_k[0], x.dtype)
+        if stack is None or any(c[0].dtype != caches_k[0][0].dtype for c in caches_k):
+            return None
+        return layer_step.run_rows(stack, x, caches_k, caches_v, cos, sin, slots, firsts)
 
     def ffn_dense(self, x, w: FFNWeights):
         if isinstance(w.gate, QuantRows):

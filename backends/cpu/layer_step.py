@@ -151,6 +151,23 @@ def run_all(stack: Stack, x: torch.Tensor, caches_k, caches_v, cos, sin, slot: i
     return out, [(c[2 * i], c[2 * i + 1]) for i in range(n)]
 
 
+def run_rows(stack: Stack, x: torch.Tensor, caches_k, caches_v, cos, sin, slots: list[int], firsts: list[int]):
+    """One decode step of B sequences (continuous batching): ``x [B, d]`` -> ``(x_out [B, d],
+    counts [n_layers, B, 2])``; ``caches_*[b][l]``: sequence b's layer-l ``[1, n_kv, S, hd]``
+    cache (each its own length), ``cos``/``sin [B, hd]``, ``slots``/``firsts`` per sequence.
+    Each token's result is the one ``run_all`` gives it alone (csrc/decode_layer.c)."""
+    n, B = len(stack.plans), x.shape[0]
+    out, cos, sin = _inputs(x, cos, sin, caches_k[0][0].dtype)
+    ck = (_P * (n * B))(*[t.data_ptr() for seq in caches_k for t in seq])
+    cv = (_P * (n * B))(*[t.data_ptr() for seq in caches_v for t in seq])
+    counts = torch.zeros(n, B, 2, dtype=torch.int64)
+    native.lib().es_decode_layers_rows(stack.ptrs, n, B, out.data_ptr(), ck, cv, cos.data_ptr(), sin.data_ptr(),
+                                       (_I * B)(*slots), (_I * B)(*firsts), (_I * B)(*[seq[0].shape[2] for seq in caches_k]),
+                                       torch.get_num_threads(),
+                                       counts.data_ptr())
+    return out, counts
+
+
 def run(plan: Plan, x: torch.Tensor, cache_k, cache_v, cos, sin, slot: int, first: int):
     """``x [d]`` -> ``(x_out [d], gate_rows, active_rows)`` through the native layer."""
     out, cos, sin = _inputs(x, cos, sin, cache_k.dtype)

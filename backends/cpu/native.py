@@ -48,6 +48,7 @@ _QUANT_ONLY_SIGNATURES = {"es_gemm": [_P, _P, _P, _I, _I, _I, _I, _P], "es_rows_
 # Kernels with one name for every format (the format is an argument: FMT_CODE).
 _PLAIN_SIGNATURES = {"es_ffn_dense_q": [_I, _I, _I, _I, _P, _P, _P, _I, _I, _P, _I, _P],
                      "es_decode_layers": [_P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _P],
+                     "es_decode_layers_rows": [_P, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, _P],
                      "es_swiglu": [_I, _P, _I, _I, _P],
                      "es_act_mul": [_P, _P, ctypes.c_int64, _I, _P]}
 

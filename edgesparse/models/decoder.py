@@ -181,13 +181,19 @@ class DecoderModel:
         starts, firsts = [sp[0] for sp in spans], [sp[2] for sp in spans]
         cos, sin = self.cos[positions], self.sin[positions]
         x = self._embed(torch.tensor(tokens, device=self.ex.device)[:, None])
+        done = self._decode_all_rows(x, caches, cos, sin, starts, firsts) if self.fused_decode else None
+        if done is not None:
+            x = done
+            layers = ()
+        else:
+            layers = self.layers
 
         def attend(li, qkv):
             return torch.stack([self.ex.decode_attention(qkv[b].view(-1), cos[b], sin[b], caches[b].k[li][0],
                                                          caches[b].v[li][0], starts[b], firsts[b], s.n_heads)
                                 for b in range(B)]).view(B, 1, nq)
 
-        for li, layer in enumerate(self.layers):
+        for li, layer in enumerate(layers):
             x = self._block(li, layer, x, attend, self.ffn_mode, self.attn_mode == "topk")
         for c, st in zip(caches, starts):
             c.valid[:, st] = True
@@ -247,6 +253,23 @@ class DecoderModel:
             if steps[li].ffn_sparse:   # per layer: calibration may leave some layers dense
                 record_gather(self.stats.layer(li), 1, steps[li].ffn.gate.shape[0], gate_rows, active)
         return out.view(1, 1, -1)
+
+    def _decode_all_rows(self, x, caches, cos, sin, starts, firsts):
+        """``decode_rows``' layers through ``Executor.decode_layers_rows``, or None."""
+        mode, attn_sparse = self.ffn_mode, self.attn_mode == "topk"
+        steps = [self._layer_step(li, layer, mode, attn_sparse) for li, layer in enumerate(self.layers)]
+        if any(st is None for st in steps):
+            return None
+        done = self.ex.decode_layers_rows(steps, x.view(x.shape[0], -1), [c.k for c in caches],
+                                          [c.v for c in caches], cos, sin, starts, firsts)
+        if done is None:
+            return None
+        out, counts = done
+        for li, step in enumerate(steps):
+            if step.ffn_sparse:
+                for gate_rows, active in counts[li].tolist():
+                    record_gather(self.stats.layer(li), 1, step.ffn.gate.shape[0], gate_rows, active)
+        return out.view(x.shape)
 
     def _layer_step(self, li: int, layer: Layer, mode: str, attn_sparse: bool) -> LayerStep | None:
         """The layer as one ``LayerStep`` for ``Executor.decode_layer`` (cached while the layer's

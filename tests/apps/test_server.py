@@ -118,6 +118,7 @@ def test_disconnect_mid_stream_is_dropped(server):
     ("/v1/completions", {"prompt": "hi", "min_p": 2}, "min_p"),
     ("/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),
     ("/v1/completions", {"prompt": "hi", "frequency_penalty": 0.5}, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "hi", "ignore_eos": "yes"}, "ignore_eos"),
 ])
 def test_bad_requests_get_400_with_openai_error_body(server, path, body, needle):
     base, _ = server
@@ -128,6 +129,17 @@ def test_bad_requests_get_400_with_openai_error_body(server, path, body, needle)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert needle in err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_ignore_eos_turns_off_the_end_tokens():
+    """vLLM's and llama.cpp's extension: the end token does not stop the answer (the server
+    keeps the empty stop list; tests/apps/test_serve_parallel.py decodes a random model, which
+    samples its end token, to max_tokens with it)."""
+    from edgesparse.apps.serve.openai_api import parse_chat, parse_completion
+    assert parse_completion({"prompt": "x", "ignore_eos": True}, "m").params.stop_token_ids == []
+    assert parse_completion({"prompt": "x"}, "m").params.stop_token_ids is None
+    chat = parse_chat({"messages": [{"role": "user", "content": "x"}], "ignore_eos": True}, "m")
+    assert chat.params.stop_token_ids == []
 
 
 def test_openai_client_raises_bad_request(server):

@@ -18,7 +18,8 @@
     void es_gemv_##F(const uint8_t *, const float *, const float *, int, int, int, float *);     \
     void es_gate_up_##F(const uint8_t *, const uint8_t *, const float *, int, int, int, int, float *); \
     void es_weighted_rows_##F(const uint8_t *, const int64_t *, const float *, int, int, int, float *); \
-    void es_topk_linear_##F(const uint8_t *, const float *, int, int, int, int, float *);
+    void es_topk_linear_##F(const uint8_t *, const float *, int, int, int, int, float *);           \
+    void es_gemm_##F(const uint8_t *, const float *, const float *, int, int, int, int, float *);
 DECLARE_Q(q8)
 DECLARE_Q(q4)
 DECLARE_Q(q41)
@@ -215,4 +216,128 @@ void es_decode_layers(const ESLayer *const *L, int n, void *x_io, void *const *c
                       const void *cos, const void *sin, int slot, int first, int nt, int64_t *counts) {
     for (int i = 0; i < n; i++)
         es_decode_layer(L[i], x_io, cache_k[i], cache_v[i], cos, sin, slot, first, nt, counts + 2 * i);
+}
+
+/* ---- continuous batching: one step of B independent sequences (batching.py's `rows`) ----
+ * Each sequence appends one token to its own cache at its own slot.  Every dense linear runs
+ * as one GEMM over the B tokens (each block row is read once per step and dotted with all of
+ * them; es_gemm_F equals es_gemv_F per token to the bit), so a token's result is the one
+ * es_decode_layer gives it alone.  What depends on the token's own values runs per token with
+ * the single-token code: attention over its cache, Top-K selections and the predictor-sparse
+ * FFN (each token its own active rows). */
+static void gemm_fmt(int fmt, const uint8_t *w, const float *x, const float *bias, int n, int d, int B, int nt,
+                     float *out) {
+    switch (fmt) {
+    case FMT_Q8: es_gemm_q8(w, x, bias, n, d, B, nt, out); break;
+    case FMT_Q4: es_gemm_q4(w, x, bias, n, d, B, nt, out); break;
+    default: es_gemm_q41(w, x, bias, n, d, B, nt, out);
+    }
+}
+
+/* out[B, n_out] = linear(x[B, n_in]) as `linear` gives each row */
+static void linear_rows(const ESLayer *L, const ESLinear *w, const float *x, int B, int nt, float *out) {
+    int n_in = w->k ? w->rows : w->cols, n_out = w->k ? w->cols : w->rows;
+    if (w->k || B == 1) {
+        for (int b = 0; b < B; b++) linear(L, w, x + (int64_t)b * n_in, nt, out + (int64_t)b * n_out);
+        return;
+    }
+    gemm_fmt(w->fmt, w->w, x, w->bias, w->rows, w->cols, B, nt, out);
+    for (int64_t i = 0; i < (int64_t)B * n_out; i++) out[i] = rnd(L->bf16, out[i]);
+}
+
+/* the FFN of B rows h[B, d] -> out[B, d] (fp32, not yet rounded) */
+static void ffn_rows(const ESLayer *L, const float *h, int B, int nt, float *out, int64_t *counts) {
+    const int d = L->d, f = L->d_ff;
+    if (B == 1 || (L->ffn != FFN_SILU && L->ffn != FFN_RELU)) {
+        for (int b = 0; b < B; b++) ffn(L, h + (int64_t)b * d, nt, out + (int64_t)b * d, counts + 2 * b);
+        return;
+    }
+    /* the dense FFN: es_ffn_dense_q's gate/up dots and activation, as GEMMs */
+    float *g = (float *)malloc(sizeof(float) * (size_t)B * 2 * f), *u = g + (size_t)B * f;
+    gemm_fmt(L->gate_fmt, L->gate, h, NULL, f, d, B, nt, g);
+    gemm_fmt(L->gate_fmt, L->up, h, NULL, f, d, B, nt, u);
+    es_act_mul(g, u, (int64_t)B * f, L->ffn == FFN_RELU, g);
+    if (L->down_rows) {
+        gemm_fmt(L->down_fmt, L->down_t, g, NULL, d, f, B, nt, out);
+    } else {
+        for (int b = 0; b < B; b++) {
+            const float *gb = g + (size_t)b * f;
+            float *ob = out + (int64_t)b * d;
+            switch (L->down_fmt) {
+            case FMT_Q8: es_weighted_rows_q8(L->down_t, NULL, gb, f, d, nt, ob); break;
+            case FMT_Q4: es_weighted_rows_q4(L->down_t, NULL, gb, f, d, nt, ob); break;
+            default: es_weighted_rows_q41(L->down_t, NULL, gb, f, d, nt, ob);
+            }
+        }
+    }
+    for (int b = 0; b < B; b++) counts[2 * b] = counts[2 * b + 1] = f;
+    free(g);
+}
+
+/* x_io [B, d] (activation dtype) in place; cache_k/cache_v [B] (each sequence's cache of this
+ * layer, max_len[b] slots: L->max_len is ignored), cos/sin [B, hd] (each token's RoPE row),
+ * slot/first [B]; counts [B, 2]. */
+static void decode_layer_rows(const ESLayer *L, int B, void *x_io, void *const *cache_k, void *const *cache_v,
+                              const void *cos, const void *sin, const int *slot, const int *first,
+                              const int *max_len, int nt, int64_t *counts) {
+    const int d = L->d, hd = L->hd, nq = L->n_heads * hd, nqkv = L->qkv.k ? L->qkv.cols : L->qkv.rows;
+    const size_t es = L->bf16 ? 2 : 4;
+    float *x = (float *)malloc(sizeof(float) * (size_t)B * (3 * d + nqkv + nq) + es * (size_t)(nqkv + nq));
+    float *h = x + (size_t)B * d, *y = h + (size_t)B * d, *qkv = y + (size_t)B * d, *att = qkv + (size_t)B * nqkv;
+    void *tmp = att + (size_t)B * nq;
+    for (int64_t i = 0; i < (int64_t)B * d; i++) x[i] = ld(L->bf16, x_io, i);
+
+    for (int b = 0; b < B; b++) norm(L, x + (size_t)b * d, L->attn_norm, h + (size_t)b * d);
+    linear_rows(L, &L->qkv, h, B, nt, qkv);
+    for (int b = 0; b < B; b++) {
+        const float *qb = qkv + (size_t)b * nqkv;
+        float *ab = att + (size_t)b * nq;
+        const char *cb = (const char *)cos + es * (size_t)b * hd, *sb = (const char *)sin + es * (size_t)b * hd;
+        if (L->bf16) {
+            uint16_t *q16 = (uint16_t *)tmp, *o16 = q16 + nqkv;
+            for (int i = 0; i < nqkv; i++) q16[i] = f32_to_bf16(qb[i]);
+            es_decode_attention_bf16(q16, (const uint16_t *)cb, (const uint16_t *)sb, (uint16_t *)cache_k[b],
+                                     (uint16_t *)cache_v[b], L->n_heads, L->n_kv, hd, max_len[b], slot[b], first[b],
+                                     nt, o16);
+            for (int i = 0; i < nq; i++) ab[i] = bf16_to_f32(o16[i]);
+        } else {
+            es_decode_attention_f32(qb, (const float *)cb, (const float *)sb, (float *)cache_k[b], (float *)cache_v[b],
+                                    L->n_heads, L->n_kv, hd, max_len[b], slot[b], first[b], nt, ab);
+        }
+    }
+    linear_rows(L, &L->o, att, B, nt, y);
+    for (int64_t i = 0; i < (int64_t)B * d; i++) x[i] = rnd(L->bf16, x[i] + y[i]);
+    if (L->attn_adapter.w) {
+        linear_rows(L, &L->attn_adapter, x, B, nt, y);
+        memcpy(x, y, sizeof(float) * (size_t)B * d);
+    }
+
+    for (int b = 0; b < B; b++) norm(L, x + (size_t)b * d, L->mlp_norm, h + (size_t)b * d);
+    ffn_rows(L, h, B, nt, y, counts);
+    for (int64_t i = 0; i < (int64_t)B * d; i++) x[i] = rnd(L->bf16, x[i] + rnd(L->bf16, y[i]));
+    if (L->adapter.w) {
+        linear_rows(L, &L->adapter, x, B, nt, y);
+        memcpy(x, y, sizeof(float) * (size_t)B * d);
+    }
+    for (int64_t i = 0; i < (int64_t)B * d; i++) {
+        if (L->bf16) ((uint16_t *)x_io)[i] = f32_to_bf16(x[i]);
+        else ((float *)x_io)[i] = x[i];
+    }
+    free(x);
+}
+
+/* Every layer for B sequences: cache_k/cache_v [B * n] (sequence b's layer i at b * n + i),
+ * counts [n, B, 2]. */
+void es_decode_layers_rows(const ESLayer *const *L, int n, int B, void *x_io, void *const *cache_k,
+                           void *const *cache_v, const void *cos, const void *sin, const int *slot, const int *first,
+                           const int *max_len, int nt, int64_t *counts) {
+    void **ck = (void **)malloc(sizeof(void *) * (size_t)B * 2), **cv = ck + B;
+    for (int i = 0; i < n; i++) {
+        for (int b = 0; b < B; b++) {
+            ck[b] = cache_k[(size_t)b * n + i];
+            cv[b] = cache_v[(size_t)b * n + i];
+        }
+        decode_layer_rows(L[i], B, x_io, ck, cv, cos, sin, slot, first, max_len, nt, counts + (size_t)2 * B * i);
+    }
+    free(ck);
 }

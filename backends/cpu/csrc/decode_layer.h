@@ -37,6 +37,9 @@ void es_decode_layer(const ESLayer *L, void *x_io, void *cache_k, void *cache_v,
                      const void *sin, int slot, int first, int nt, int64_t *counts);
 void es_decode_layers(const ESLayer *const *L, int n, void *x_io, void *const *cache_k, void *const *cache_v,
                       const void *cos, const void *sin, int slot, int first, int nt, int64_t *counts);
+void es_decode_layers_rows(const ESLayer *const *L, int n, int B, void *x_io, void *const *cache_k,
+                           void *const *cache_v, const void *cos, const void *sin, const int *slot, const int *first,
+                           const int *max_len, int nt, int64_t *counts);
 void es_swiglu(int bf16, const void *gu, int n, int f, void *out);
 void es_act_mul(const float *g, const float *u, int64_t n, int relu, float *out);
 void es_ffn_dense_q(int gate_fmt, int down_fmt, int relu, int down_rows, const uint8_t *gate, const uint8_t *up,

@@ -94,7 +94,8 @@ def create_app(llm, opts: ServeOptions | None = None):
             raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens or 1}) exceeds the "
                                f"model's context of {ctx} tokens", req.prompt_field, code="context_length_exceeded")
         req.params.max_new_tokens = req.max_tokens or room
-        req.params.stop_token_ids = chat_stop_ids if req.chat else None
+        if req.params.stop_token_ids is None:   # not ignore_eos ([]): the chat template's stops or EOS
+            req.params.stop_token_ids = chat_stop_ids if req.chat else None
         try:
             req.params.validate()
         except EdgeSparseError as e:

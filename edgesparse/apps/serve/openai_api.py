@@ -17,7 +17,7 @@ NEUTRAL = {"n": [1], "logprobs": [False, 0], "top_logprobs": [0], "frequency_pen
            "logit_bias": [{}], "tools": [[]], "tool_choice": ["none", "auto"], "functions": [[]],
            "response_format": [{"type": "text"}], "echo": [False], "best_of": [1], "suffix": [""]}
 SAMPLING = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
-            "stream", "stream_options", "user"}
+            "ignore_eos", "stream", "stream_options", "user"}
 CHAT_FIELDS = SAMPLING | {"messages", "max_completion_tokens", "parallel_tool_calls", "n", "logprobs",
                           "top_logprobs", "frequency_penalty", "presence_penalty", "logit_bias", "tools",
                           "tool_choice", "functions", "response_format"}
@@ -155,6 +155,9 @@ def _sampling(body: dict, max_tokens_field: str, defaults: dict) -> tuple[Sampli
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
         raise RequestError("'stop' must be a string or a list of up to 4 strings", "stop")
+    # vLLM's and llama.cpp's extension: decode to max_tokens through end-of-sequence tokens
+    # (benchmarks); 'stop' strings still apply
+    ignore_eos = _get(body, "ignore_eos", (bool,), "a boolean", False)
     stream = _get(body, "stream", (bool,), "a boolean", False)
     opts = _get(body, "stream_options", (dict,), "an object")
     include_usage = False
@@ -166,7 +169,7 @@ def _sampling(body: dict, max_tokens_field: str, defaults: dict) -> tuple[Sampli
         include_usage = opts.get("include_usage", False)
     params = SamplingParams(max_new_tokens=1, temperature=float(temperature), top_p=float(top_p),
                             top_k=max(top_k, 0), min_p=float(min_p), repetition_penalty=float(rep), seed=seed,
-                            stop=stop)
+                            stop=stop, stop_token_ids=[] if ignore_eos else None)
     return params, max_tokens, stream, include_usage
 
 
