@@ -45,6 +45,21 @@ def resolve_model_path(path: str | Path) -> Path:
     return p
 
 
+def checkpoint_dtype(config, p: Path, ex: Executor) -> torch.dtype:
+    """The precision a checkpoint is stored in, as transformers loads it with ``dtype="auto"``:
+    the config's ``dtype`` (bf16 for most hub checkpoints), else fp32.  A GGUF file's blocks are
+    its precision; its activations stay fp32 as llama.cpp's do.  fp16 becomes bf16 on the cpu
+    backend, as vLLM's cpu backend does: the native kernels and the CPU's float units are bf16
+    or fp32, and fp16's range overflows where bf16's does not."""
+    if p.suffix == ".gguf":
+        return torch.float32
+    name = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = DTYPES.get(str(name).replace("torch.", ""), torch.float32)
+    if dtype == torch.float16 and ex.device.type == "cpu":
+        return torch.bfloat16
+    return dtype
+
+
 def load_config(p: Path):
     try:
         if p.is_dir():
@@ -210,7 +225,8 @@ def load_model(path, backend: str = "auto", dtype=None, weights: str | None = No
     its blocks: Q8_0 / Q4_0 / Q4_1 as they are, other 8-6-5-bit types as q8_0, 4-bit and below as
     q4_0); ``q8_0`` / ``q4_0`` / ``q4_1`` quantise the
     matrices at load, tensor by tensor; ``fp32`` / ``bf16`` / ``fp16`` keep float matrices.
-    Activations, norms and the KV cache are in ``dtype`` (default fp32)."""
+    Activations, norms and the KV cache are in ``dtype``; None: the checkpoint's own
+    (``checkpoint_dtype``)."""
     if weights is not None and weights not in WEIGHT_FORMATS:
         raise InvalidOptionError(f"unknown weight format {weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
     if isinstance(dtype, str):
@@ -219,10 +235,10 @@ def load_model(path, backend: str = "auto", dtype=None, weights: str | None = No
         dtype = DTYPES[dtype]
     if weights in FLOAT_FORMATS:
         dtype = dtype or DTYPES[weights]
-    dtype = dtype or torch.float32
     p = resolve_model_path(path)
     ex = get_executor(backend)
     config = load_config(p)
+    dtype = dtype or checkpoint_dtype(config, p, ex)
     family = family_of_config(config)
     spec = spec_from_config(config, family)   # refuse an unsupported config before reading weights
     tok = load_tokenizer(p)

@@ -13,7 +13,7 @@ def test_tiny_is_a_small_plain_transformers_checkpoint():
     size = sum(f.stat().st_size for f in TINY.glob("*.safetensors"))
     assert size <= 16 * 2**20
     hf = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).eval()
-    llm = edgesparse.load("tiny", backend="cpu")
+    llm = edgesparse.load("tiny", backend="cpu", dtype="fp32")
     llm.set_ffn_mode("dense")
     ids = torch.tensor([llm.engine.encode("The history of the city of London")])
     with torch.no_grad():

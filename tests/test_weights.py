@@ -70,3 +70,20 @@ def test_a_file_that_is_not_gguf_is_a_clear_error(tmp_path):
     bad.write_bytes(b"NOTGGUF" + bytes(100))
     with pytest.raises(ModelFilesError, match="bad magic"):
         open_gguf(bad)
+
+
+@pytest.mark.parametrize("saved, want", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                         (torch.float16, torch.bfloat16)])
+def test_default_precision_is_the_checkpoints_own(tmp_path, saved, want):
+    """No dtype asked: the checkpoint's ``dtype`` (an fp16 one runs bf16 on the cpu backend, as
+    vLLM's cpu backend does); asked: what was asked."""
+    from conftest import make_checkpoint
+    path = make_checkpoint(tmp_path / "m", dtype=saved)
+    llm = edgesparse.load(path, backend="cpu")
+    assert llm.model.dtype == want and llm.model.layers[0].attn.norm.dtype == want
+    assert llm.generate("The quick", max_new_tokens=2).token_ids
+    assert edgesparse.load(path, backend="cpu", dtype="fp32").model.dtype == torch.float32
+    assert edgesparse.load("tiny", backend="cpu").model.dtype == torch.bfloat16   # tiny is stored in bf16
+    r = subprocess.run([sys.executable, "-m", "edgesparse", "generate", str(path), "--prompt", "The quick",
+                        "--max-new-tokens", "2", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -17,7 +17,8 @@ def _add_model_opts(p, artifacts=True):
     p.add_argument("model", help="HF checkpoint dir, .gguf file, hub id org/name[@revision][:FILE.gguf], "
                    "or 'tiny' (the embedded model)")
     p.add_argument("--backend", default="auto", choices=choices())
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="activations and KV cache (default: the checkpoint's own; fp16 runs bf16 on cpu; GGUF: fp32)")
     p.add_argument("--weights", default=None, choices=WEIGHT_FORMATS,
                    help="weight matrices' format (default: the checkpoint's own precision; "
                         "a GGUF file keeps its 8- or 4-bit blocks)")

@@ -18,7 +18,7 @@ def test_continuation_logprob_matches_manual_sum():
     with torch.no_grad():
         logits = m.forward(torch.tensor([ids]), m.new_cache(1, len(ids)), torch.arange(len(ids))[None],
                            all_logits=True)[0]
-    manual = sum(torch.log_softmax(logits[i - 1], -1)[ids[i]].item() for i in range(len(ids) - n, len(ids)))
+    manual = sum(torch.log_softmax(logits[i - 1].float(), -1)[ids[i]].item() for i in range(len(ids) - n, len(ids)))
     assert lp == pytest.approx(manual, abs=1e-3) and isinstance(greedy, bool)
 
 
