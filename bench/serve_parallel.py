@@ -39,7 +39,7 @@ CHAT = True   # chat completions; plain completions for a model without a chat t
 
 def one(base: str, prompt: str, tokens: int) -> dict:
     model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
-    body = {"model": model, "max_tokens": tokens, "temperature": 0, "stream": True,
+    body = {"model": model, "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True,
             **({"messages": [{"role": "user", "content": prompt}]} if CHAT else {"prompt": prompt})}
     t0, first, text = time.perf_counter(), None, ""
     with httpx.stream("POST", base + ("/v1/chat/completions" if CHAT else "/v1/completions"), json=body,

@@ -38,6 +38,7 @@ static inline float f16_to_f32(uint16_t h) {
 #define ROWB_q41(d) ((int64_t)(d) / QK * 20)   /* q4_1: fp16 scale, fp16 min, 16 bytes of nibbles */
 
 #include "quant_dots.h"
+#include "quant_gemm.h"
 
 #define QROW(F, w, i, d) ((w) + (int64_t)(i) * ROWB_##F(d))
 
@@ -91,10 +92,11 @@ static inline float f16_to_f32(uint16_t h) {
         qx_free(&qx);                                                                             \
     }
 
-/* out[T, n] = X W^T (+ bias) for T tokens (prefill): each group of four rows is read once and
- * dotted with every token's quantised activation while it sits in L1, the same idot4 as the
- * GEMV over the same thread ranges, so token t's row equals es_gemv of that token exactly.
- * The float path instead de-quantised every matrix for every forward. */
+/* out[T, n] = X W^T (+ bias) for T tokens (prefill, a batched decode step): each group of four
+ * rows is read once and dotted with four tokens at a time (idot4t, quant_gemm.h: the weights'
+ * unpacking and scales shared by the tokens), over the same thread ranges and four-row groups
+ * as the GEMV, so token t's row equals es_gemv of that token exactly.  The float path instead
+ * de-quantised every matrix for every forward. */
 #define DEFINE_QGEMM(F)                                                                           \
     void es_gemm_##F(const uint8_t *w, const float *x, const float *bias, int n, int d, int T,    \
                      int n_threads, float *out) {                                                 \
@@ -104,15 +106,20 @@ static inline float f16_to_f32(uint16_t h) {
         _Pragma("omp parallel num_threads(n_threads)")                                            \
         {                                                                                         \
             THREAD_RANGE(n, lo, hi);                                                              \
-            const uint8_t *nopf[4] = {NULL, NULL, NULL, NULL};                                    \
-            int64_t i = lo;                                                                       \
+            int64_t lead = rows_ahead(ROWB_##F(d)), i = lo;                                       \
             for (; i + 4 <= hi; i += 4) {                                                         \
-                const uint8_t *rows[4];                                                           \
-                for (int r = 0; r < 4; r++) rows[r] = QROW(F, w, i + r, d);                       \
-                for (int t = 0; t < T; t++) {                                                     \
-                    float o[4];                                                                   \
-                    idot4_##F(rows, &qx[t], d, nopf, o);                                          \
-                    for (int r = 0; r < 4; r++) out[(int64_t)t * n + i + r] = o[r] + (bias ? bias[i + r] : 0.f); \
+                const uint8_t *rows[4], *pf[4];                                                   \
+                for (int r = 0; r < 4; r++) {                                                     \
+                    rows[r] = QROW(F, w, i + r, d);                                               \
+                    pf[r] = i + 3 + lead < hi ? QROW(F, w, i + r + lead, d) : NULL;               \
+                }                                                                                 \
+                for (int t0 = 0; t0 < T; t0 += 4) {                                               \
+                    float o[16];                                                                  \
+                    int m = T - t0 < 4 ? T - t0 : 4;                                              \
+                    idot4t_##F(rows, qx + t0, m, d, t0 ? (const uint8_t *const *)NOPF : pf, o);   \
+                    for (int t = 0; t < m; t++)                                                   \
+                        for (int r = 0; r < 4; r++)                                               \
+                            out[(int64_t)(t0 + t) * n + i + r] = o[4 * t + r] + (bias ? bias[i + r] : 0.f); \
                 }                                                                                 \
             }                                                                                     \
             for (; i < hi; i++)                                                                   \
@@ -122,6 +129,7 @@ static inline float f16_to_f32(uint16_t h) {
         for (int t = 0; t < T; t++) qx_free(&qx[t]);                                              \
         free(qx);                                                                                 \
     }
+static const uint8_t *const NOPF[4] = {NULL, NULL, NULL, NULL};
 DEFINE_QGEMM(q8)
 DEFINE_QGEMM(q4)
 DEFINE_QGEMM(q41)
