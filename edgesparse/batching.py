@@ -10,12 +10,13 @@ single-sequence op.  On the cpu backend every op of that step computes each toke
 one-token path does (docs/chat-apps.md says where it may differ), so a request's greedy
 tokens do not depend on what else is running.
 
-Whether that batched step pays is measured, not assumed: where the single-sequence step runs
-a whole token natively (the cpu backend's layer step) and the weights fit the caches or the
-integer GEMM is compute-bound, B single steps beat one composed batched step (tiny: 0.76 vs
-1.26 ms for 4; SmolLM2 Q4_1: 23.6 vs 27.8 ms).  So for each batch size the first steps
-alternate between the two strategies, ``rows`` (``decode_rows``) and ``each`` (the
-single-sequence step per sequence), and the faster by median time per step is kept."""
+Whether that batched step pays is measured, not assumed.  On the cpu backend with block
+weights it is one native call (``Executor.decode_layers_rows``) whose GEMMs share each weight
+block's unpacking across four tokens, and it wins (SmolLM2 Q4_1, 4 sequences: 7.8 vs 17.5 ms);
+composed from executor ops it lost to B native single steps (27.8 vs 23.6 ms), and other
+backends, formats or machines may differ.  So for each batch size the first steps alternate
+between the two strategies, ``rows`` (``decode_rows``) and ``each`` (the single-sequence step
+per sequence), and the faster by median time per step is kept."""
 from __future__ import annotations
 
 import statistics

@@ -6,7 +6,7 @@ llama.cpp build takes ~15 min on 2 cores).
 
 The model is the synthetic TinyLlama-1.1B shape of ``bench/peers/llamacpp.py`` in q4_0
 (llama.cpp: its SwiGLU GGUF; edgesparse: the ReGLU twin with the same matrices, so the same
-bytes per token).  llama.cpp: ``llama-batched-bench -npp 8 -ntg 32 -npl 1,2,4`` (prompt not
+bytes per token).  llama.cpp: ``llama-batched-bench -npp 8 -ntg 32 -npl 1,2,4,8`` (prompt not
 shared), its text-generation speed ``speed_tg`` = all generated tokens / generation time.
 edgesparse: the in-process decode step of B sequences (``bench/serve_parallel.py``'s
 ``step_times``: ``rows`` = one batched step, ``each`` = the single step per sequence), dense and
@@ -39,7 +39,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/peer_tinyllama_batched.json")
     a = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(a.threads)
