@@ -31,7 +31,7 @@ def test_gemv(fmt, n, d):
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
 @pytest.mark.parametrize("n, d", SHAPES)
-@pytest.mark.parametrize("tokens", [2, 5])
+@pytest.mark.parametrize("tokens", [2, 3, 4, 5, 9])
 def test_gemm_is_the_gemv_of_every_token(fmt, n, d, tokens):
     """Prefill's GEMM runs the GEMV's dots over the same row groups: bit for bit the same."""
     w = _q(n, d, fmt, 12)
@@ -43,6 +43,20 @@ def test_gemm_is_the_gemv_of_every_token(fmt, n, d, tokens):
         assert torch.equal(out[t], native.q_gemv(w, x[t], bias))
     _close(out, x @ w.rows().T + bias, 2e-2)
     assert torch.allclose(native.q_gemm(w, x), out - bias, atol=1e-4)   # no bias: NULL
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+def test_gemm_over_many_row_tiles_and_tokens_is_the_gemv(fmt):
+    """A prompt-sized GEMM: rows in several L2 tiles per thread (GEMM_TILE_BYTES), an odd row
+    count (a tail of one-row dots), 4-token passes with a remainder of 2 and of 3."""
+    n, d = 2 * 131 + 1, 4096 + 64   # q8_0 rows of 4,420 B: tiles of 28 rows
+    w = _q(n, d, fmt, 14)
+    g = torch.Generator().manual_seed(15)
+    for tokens in (35, 66):
+        x = torch.randn(tokens, d, generator=g)
+        out = native.q_gemm(w, x)
+        for t in range(tokens):
+            assert torch.equal(out[t], native.q_gemv(w, x[t]))
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
