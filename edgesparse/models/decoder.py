@@ -242,34 +242,37 @@ class DecoderModel:
 
     def _decode_all(self, x, cache, cos, sin, start, first, mode, attn_sparse):
         """x after every layer through ``Executor.decode_layers``, or None (then layer by layer)."""
-        steps = [self._layer_step(li, layer, mode, attn_sparse) for li, layer in enumerate(self.layers)]
-        if any(st is None for st in steps):
-            return None
-        done = self.ex.decode_layers(steps, x.view(-1), cache.k, cache.v, cos, sin, start, first)
-        if done is None:
+        steps = self._layer_steps(mode, attn_sparse)
+        done = steps and self.ex.decode_layers(steps, x.view(-1), cache.k, cache.v, cos, sin, start, first)
+        if not done:
             return None
         out, counts = done
-        for li, (gate_rows, active) in enumerate(counts):
-            if steps[li].ffn_sparse:   # per layer: calibration may leave some layers dense
-                record_gather(self.stats.layer(li), 1, steps[li].ffn.gate.shape[0], gate_rows, active)
+        self._record_rows(steps, [[c] for c in counts])
         return out.view(1, 1, -1)
 
     def _decode_all_rows(self, x, caches, cos, sin, starts, firsts):
         """``decode_rows``' layers through ``Executor.decode_layers_rows``, or None."""
-        mode, attn_sparse = self.ffn_mode, self.attn_mode == "topk"
-        steps = [self._layer_step(li, layer, mode, attn_sparse) for li, layer in enumerate(self.layers)]
-        if any(st is None for st in steps):
-            return None
-        done = self.ex.decode_layers_rows(steps, x.view(x.shape[0], -1), [c.k for c in caches],
-                                          [c.v for c in caches], cos, sin, starts, firsts)
-        if done is None:
+        steps = self._layer_steps(self.ffn_mode, self.attn_mode == "topk")
+        done = steps and self.ex.decode_layers_rows(steps, x.view(x.shape[0], -1), [c.k for c in caches],
+                                                    [c.v for c in caches], cos, sin, starts, firsts)
+        if not done:
             return None
         out, counts = done
+        self._record_rows(steps, counts.tolist())
+        return out.view(x.shape)
+
+    def _layer_steps(self, mode: str, attn_sparse: bool) -> list[LayerStep] | None:
+        """Every layer's ``LayerStep``, or None when one layer has none."""
+        steps = [self._layer_step(li, layer, mode, attn_sparse) for li, layer in enumerate(self.layers)]
+        return None if any(st is None for st in steps) else steps
+
+    def _record_rows(self, steps, counts) -> None:
+        """``counts[layer]``: the (gate rows, active rows) of each token the native step ran;
+        recorded per layer, as calibration may leave some layers dense."""
         for li, step in enumerate(steps):
             if step.ffn_sparse:
-                for gate_rows, active in counts[li].tolist():
+                for gate_rows, active in counts[li]:
                     record_gather(self.stats.layer(li), 1, step.ffn.gate.shape[0], gate_rows, active)
-        return out.view(x.shape)
 
     def _layer_step(self, li: int, layer: Layer, mode: str, attn_sparse: bool) -> LayerStep | None:
         """The layer as one ``LayerStep`` for ``Executor.decode_layer`` (cached while the layer's

@@ -62,6 +62,15 @@ static void gemv_fmt(int fmt, const uint8_t *w, const float *x, const float *bia
     }
 }
 
+/* out[d_out] = sum_j coef[j] * row j of w_t [n, d_out] (a neuron-major down projection) */
+static void weighted_rows_fmt(int fmt, const uint8_t *w_t, const float *coef, int n, int d_out, int nt, float *out) {
+    switch (fmt) {
+    case FMT_Q8: es_weighted_rows_q8(w_t, NULL, coef, n, d_out, nt, out); break;
+    case FMT_Q4: es_weighted_rows_q4(w_t, NULL, coef, n, d_out, nt, out); break;
+    default: es_weighted_rows_q41(w_t, NULL, coef, n, d_out, nt, out);
+    }
+}
+
 static void linear(const ESLayer *L, const ESLinear *w, const float *x, int nt, float *out) {
     int n_out = w->k ? w->cols : w->rows;
     if (w->k) {
@@ -133,11 +142,7 @@ void es_ffn_dense_q(int gate_fmt, int down_fmt, int relu, int down_rows, const u
         free(g);
         return;
     }
-    switch (down_fmt) {
-    case FMT_Q8: es_weighted_rows_q8(down_t, NULL, g, f, d, nt, out); break;
-    case FMT_Q4: es_weighted_rows_q4(down_t, NULL, g, f, d, nt, out); break;
-    default: es_weighted_rows_q41(down_t, NULL, g, f, d, nt, out);
-    }
+    weighted_rows_fmt(down_fmt, down_t, g, f, d, nt, out);
     free(g);
 }
 
@@ -166,59 +171,8 @@ static void ffn(const ESLayer *L, const float *h, int nt, float *out, int64_t *c
     counts[0] = counts[1] = f;
 }
 
-/* x <- x . A (a residual basis change, LaRoSA), rounded as the composed linear; y: scratch [d] */
-static void adapt(const ESLayer *L, const ESLinear *a, float *x, float *y, int nt) {
-    if (!a->w) return;
-    linear(L, a, x, nt, y);
-    memcpy(x, y, sizeof(float) * (size_t)L->d);
-}
-
-/* x [d] (activation dtype) is updated in place; cos/sin: this position's RoPE rows. */
-void es_decode_layer(const ESLayer *L, void *x_io, void *cache_k, void *cache_v, const void *cos,
-                     const void *sin, int slot, int first, int nt, int64_t *counts) {
-    const int d = L->d, nq = L->n_heads * L->hd, nqkv = L->qkv.k ? L->qkv.cols : L->qkv.rows;
-    float *x = (float *)malloc(sizeof(float) * (size_t)(3 * d + 2 * nqkv + 2 * nq));
-    float *h = x + d, *y = h + d, *qkv = y + d, *att = qkv + nqkv;
-    void *tmp = att + nq;   /* the attention op's input and output in the activation dtype */
-    for (int i = 0; i < d; i++) x[i] = ld(L->bf16, x_io, i);
-
-    norm(L, x, L->attn_norm, h);
-    linear(L, &L->qkv, h, nt, qkv);
-    if (L->bf16) {
-        uint16_t *q16 = (uint16_t *)tmp, *o16 = q16 + nqkv;
-        for (int i = 0; i < nqkv; i++) q16[i] = f32_to_bf16(qkv[i]);
-        es_decode_attention_bf16(q16, (const uint16_t *)cos, (const uint16_t *)sin, (uint16_t *)cache_k,
-                                 (uint16_t *)cache_v, L->n_heads, L->n_kv, L->hd, L->max_len, slot, first, nt, o16);
-        for (int i = 0; i < nq; i++) att[i] = bf16_to_f32(o16[i]);
-    } else {
-        es_decode_attention_f32(qkv, (const float *)cos, (const float *)sin, (float *)cache_k, (float *)cache_v,
-                                L->n_heads, L->n_kv, L->hd, L->max_len, slot, first, nt, att);
-    }
-    linear(L, &L->o, att, nt, y);
-    for (int i = 0; i < d; i++) x[i] = rnd(L->bf16, x[i] + y[i]);
-    adapt(L, &L->attn_adapter, x, y, nt);
-
-    norm(L, x, L->mlp_norm, h);
-    ffn(L, h, nt, y, counts);
-    for (int i = 0; i < d; i++) x[i] = rnd(L->bf16, x[i] + rnd(L->bf16, y[i]));
-    adapt(L, &L->adapter, x, y, nt);
-
-    for (int i = 0; i < d; i++) {
-        if (L->bf16) ((uint16_t *)x_io)[i] = f32_to_bf16(x[i]);
-        else ((float *)x_io)[i] = x[i];
-    }
-    free(x);
-}
-
-/* Every layer of a decode step: one call per token instead of one per layer (the per-call
- * Python work, ~10 us a layer, was ~5% of a SmolLM2 token). */
-void es_decode_layers(const ESLayer *const *L, int n, void *x_io, void *const *cache_k, void *const *cache_v,
-                      const void *cos, const void *sin, int slot, int first, int nt, int64_t *counts) {
-    for (int i = 0; i < n; i++)
-        es_decode_layer(L[i], x_io, cache_k[i], cache_v[i], cos, sin, slot, first, nt, counts + 2 * i);
-}
-
-/* ---- continuous batching: one step of B independent sequences (batching.py's `rows`) ----
+/* ---- one decode step of B independent sequences (B = 1: es_decode_layer; more: batching.py's
+ * `rows`) ----
  * Each sequence appends one token to its own cache at its own slot.  Every dense linear runs
  * as one GEMM over the B tokens (each block row is read once per step and dotted with all of
  * them; es_gemm_F equals es_gemv_F per token to the bit), so a token's result is the one
@@ -260,18 +214,19 @@ static void ffn_rows(const ESLayer *L, const float *h, int B, int nt, float *out
     if (L->down_rows) {
         gemm_fmt(L->down_fmt, L->down_t, g, NULL, d, f, B, nt, out);
     } else {
-        for (int b = 0; b < B; b++) {
-            const float *gb = g + (size_t)b * f;
-            float *ob = out + (int64_t)b * d;
-            switch (L->down_fmt) {
-            case FMT_Q8: es_weighted_rows_q8(L->down_t, NULL, gb, f, d, nt, ob); break;
-            case FMT_Q4: es_weighted_rows_q4(L->down_t, NULL, gb, f, d, nt, ob); break;
-            default: es_weighted_rows_q41(L->down_t, NULL, gb, f, d, nt, ob);
-            }
-        }
+        for (int b = 0; b < B; b++)
+            weighted_rows_fmt(L->down_fmt, L->down_t, g + (size_t)b * f, f, d, nt, out + (int64_t)b * d);
     }
     for (int b = 0; b < B; b++) counts[2 * b] = counts[2 * b + 1] = f;
     free(g);
+}
+
+/* x <- x . A for B rows (a residual basis change, LaRoSA), rounded as the composed linear;
+ * y: scratch [B, d] */
+static void adapt(const ESLayer *L, const ESLinear *a, float *x, float *y, int B, int nt) {
+    if (!a->w) return;
+    linear_rows(L, a, x, B, nt, y);
+    memcpy(x, y, sizeof(float) * (size_t)B * L->d);
 }
 
 /* x_io [B, d] (activation dtype) in place; cache_k/cache_v [B] (each sequence's cache of this
@@ -307,18 +262,12 @@ static void decode_layer_rows(const ESLayer *L, int B, void *x_io, void *const *
     }
     linear_rows(L, &L->o, att, B, nt, y);
     for (int64_t i = 0; i < (int64_t)B * d; i++) x[i] = rnd(L->bf16, x[i] + y[i]);
-    if (L->attn_adapter.w) {
-        linear_rows(L, &L->attn_adapter, x, B, nt, y);
-        memcpy(x, y, sizeof(float) * (size_t)B * d);
-    }
+    adapt(L, &L->attn_adapter, x, y, B, nt);
 
     for (int b = 0; b < B; b++) norm(L, x + (size_t)b * d, L->mlp_norm, h + (size_t)b * d);
     ffn_rows(L, h, B, nt, y, counts);
     for (int64_t i = 0; i < (int64_t)B * d; i++) x[i] = rnd(L->bf16, x[i] + rnd(L->bf16, y[i]));
-    if (L->adapter.w) {
-        linear_rows(L, &L->adapter, x, B, nt, y);
-        memcpy(x, y, sizeof(float) * (size_t)B * d);
-    }
+    adapt(L, &L->adapter, x, y, B, nt);
     for (int64_t i = 0; i < (int64_t)B * d; i++) {
         if (L->bf16) ((uint16_t *)x_io)[i] = f32_to_bf16(x[i]);
         else ((float *)x_io)[i] = x[i];
@@ -340,4 +289,19 @@ void es_decode_layers_rows(const ESLayer *const *L, int n, int B, void *x_io, vo
         decode_layer_rows(L[i], B, x_io, ck, cv, cos, sin, slot, first, max_len, nt, counts + (size_t)2 * B * i);
     }
     free(ck);
+}
+
+/* x [d] (activation dtype) is updated in place; cos/sin: this position's RoPE rows.  The
+ * batched layer at B = 1: every op there is then the one-token op (GEMV, not GEMM). */
+void es_decode_layer(const ESLayer *L, void *x_io, void *cache_k, void *cache_v, const void *cos,
+                     const void *sin, int slot, int first, int nt, int64_t *counts) {
+    decode_layer_rows(L, 1, x_io, &cache_k, &cache_v, cos, sin, &slot, &first, &L->max_len, nt, counts);
+}
+
+/* Every layer of a decode step: one call per token instead of one per layer (the per-call
+ * Python work, ~10 us a layer, was ~5% of a SmolLM2 token). */
+void es_decode_layers(const ESLayer *const *L, int n, void *x_io, void *const *cache_k, void *const *cache_v,
+                      const void *cos, const void *sin, int slot, int first, int nt, int64_t *counts) {
+    for (int i = 0; i < n; i++)
+        es_decode_layer(L[i], x_io, cache_k[i], cache_v[i], cos, sin, slot, first, nt, counts + 2 * i);
 }

@@ -244,12 +244,18 @@ static inline float idot_q41_blocks(const uint8_t *restrict row, const QX *qx, i
  * L2, under the ~14 GB/s a core streams from memory); this runs at ~17 (docs/performance.md).
  * An odd last block, and other targets, take the one-row dots. */
 #if defined(DPBUSD) && defined(__F16C__)
-/* [s(r0,b0), s(r0,b1), s(r1,b0), ..., s(r3,b1)] * the activation's pair scales */
-static inline __m256 pair_scales4(const uint8_t *const *rows, int64_t o0, int64_t o1, int sh, const float *xs) {
+/* [s(r0,b0), s(r0,b1), s(r1,b0), ..., s(r3,b1)]: the eight fp16 scales (sh 0) or minimums
+ * (q4_1, sh 2) of a block pair of four rows, as fp32 */
+static inline __m256 pair_halves4(const uint8_t *const *rows, int64_t o0, int64_t o1, int sh) {
     uint16_t h[8];
     for (int r = 0; r < 4; r++) { memcpy(h + 2 * r, rows[r] + o0 + sh, 2); memcpy(h + 2 * r + 1, rows[r] + o1 + sh, 2); }
-    __m128i hv = _mm_set_epi16(h[7], h[6], h[5], h[4], h[3], h[2], h[1], h[0]);
-    return _mm256_mul_ps(_mm256_cvtph_ps(hv), _mm256_castpd_ps(_mm256_broadcast_sd((const double *)xs)));
+    return _mm256_cvtph_ps(_mm_set_epi16(h[7], h[6], h[5], h[4], h[3], h[2], h[1], h[0]));
+}
+/* the activation's pair of block scales in every lane pair: [x_b0, x_b1] x 4 */
+#define XS2(p) _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(p)))
+/* pair_halves4 * the activation's pair scales */
+static inline __m256 pair_scales4(const uint8_t *const *rows, int64_t o0, int64_t o1, int sh, const float *xs) {
+    return _mm256_mul_ps(pair_halves4(rows, o0, o1, sh), XS2(xs));
 }
 #endif
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)

@@ -10,14 +10,6 @@
  * dpbusd from the same start values, the fma into that row's accumulator, the same reduction),
  * so es_gemm stays bit-identical per token to es_gemv: batched answers equal alone answers. */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__F16C__)
-/* the eight fp16 scales (sh 0) or minimums (sh 2) of a block pair of four rows, as fp32,
- * ordered as pair_scales4's */
-static inline __m256 pair_halves4(const uint8_t *const *rows, int64_t o0, int64_t o1, int sh) {
-    uint16_t h[8];
-    for (int r = 0; r < 4; r++) { memcpy(h + 2 * r, rows[r] + o0 + sh, 2); memcpy(h + 2 * r + 1, rows[r] + o1 + sh, 2); }
-    return _mm256_cvtph_ps(_mm_set_epi16(h[7], h[6], h[5], h[4], h[3], h[2], h[1], h[0]));
-}
-#define XS2(p) _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(p)))
 /* T (1-4, a constant after inlining) tokens qxs[0..T) -> o[4 t + r]; arguments as DEFINE_IDOT4,
  * whose expressions XQ / XOFF name the token as `qx` */
 #define DEFINE_IDOT4T(F, BB, QO, NIB, XQ, XOFF, W)                                                \
@@ -73,7 +65,6 @@ static inline __m256 pair_halves4(const uint8_t *const *rows, int64_t o0, int64_
 DEFINE_IDOT4T(q4, 18, 2, 1, qx->qp, _mm512_load_si512(qx->offp + b * 8), nibble_pair)
 DEFINE_IDOT4T(q41, 20, 4, 1, qx->qp, _mm512_setzero_si512(), nibble_pair)
 DEFINE_IDOT4T(q8, 34, 2, 0, qx->q, _mm512_load_si512(qx->off128 + b * 8), q8_pair)
-#undef XS2
 #else
 /* other targets: the one-token four-row dot per token (AVX2 shares less across tokens: its
  * unpacking is fused with the activation's multiply) */
