@@ -46,17 +46,26 @@ def test_gemm_is_the_gemv_of_every_token(fmt, n, d, tokens):
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
-def test_gemm_over_many_row_tiles_and_tokens_is_the_gemv(fmt):
+def test_gemm_over_many_row_tiles_and_tokens(fmt):
     """A prompt-sized GEMM: rows in several L2 tiles per thread (GEMM_TILE_BYTES), an odd row
-    count (a tail of one-row dots), 4-token passes with a remainder of 2 and of 3."""
+    count (a tail of one-row dots), 4-token passes with remainders.  From 16 tokens on, 4-bit
+    rows go through 16-row tiles repacked in lane order (quant_gemm_tiles.h, AVX-512 VNNI):
+    the same exact integer block sums, added over blocks in another fp32 order, so equal to
+    the GEMV up to fp32 rounding; each thread's last rows (fewer than 16) and 8-token passes
+    with remainders of 2 and 3 are covered.  Below 16 tokens, and for q8_0, bit for bit."""
     n, d = 2 * 131 + 1, 4096 + 64   # q8_0 rows of 4,420 B: tiles of 28 rows
     w = _q(n, d, fmt, 14)
     g = torch.Generator().manual_seed(15)
-    for tokens in (35, 66):
-        x = torch.randn(tokens, d, generator=g)
-        out = native.q_gemm(w, x)
+    for tokens in (15, 16, 35, 66):
+        x, bias = torch.randn(tokens, d, generator=g), torch.randn(n, generator=g)
+        out = native.q_gemm(w, x, bias)
+        _close(out, x @ w.rows().T + bias, 2e-2)
         for t in range(tokens):
-            assert torch.equal(out[t], native.q_gemv(w, x[t]))
+            want = native.q_gemv(w, x[t], bias)
+            if tokens < 16 or fmt == "q8_0":
+                assert torch.equal(out[t], want)
+            else:
+                assert torch.allclose(out[t], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])

@@ -19,6 +19,7 @@ typedef struct {
      * (-128 * lane group sum, natural order) */
     int8_t *qp;
     int32_t *offp, *off128;
+    int32_t *boff;  /* [d/32] -8 * sum of q over the block (the tiled GEMM's q4_0 offset) */
 } QX;
 
 static void qx_init(QX *qx, const float *x, int d) {
@@ -31,6 +32,7 @@ static void qx_init(QX *qx, const float *x, int d) {
     qx->off = (int32_t *)aligned_alloc(64, obytes);
     qx->offp = (int32_t *)aligned_alloc(64, obytes);
     qx->off128 = (int32_t *)aligned_alloc(64, obytes);
+    qx->boff = (int32_t *)malloc(sizeof(int32_t) * (size_t)(nb + 1));
     for (int b = 0; b < nb; b++) {
         float amax = 0.f;
         for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[b * QK + j]));
@@ -43,6 +45,7 @@ static void qx_init(QX *qx, const float *x, int d) {
         }
         qx->s[b] = s;
         qx->sum8[b] = 8.f * s * (float)sum;
+        qx->boff[b] = -8 * sum;
         for (int l = 0; l < 8; l++) {
             const int8_t *g = qx->q + b * QK + 4 * l;
             qx->off[b * 8 + l] = -8 * ((int)g[0] + g[1] + g[2] + g[3]);
@@ -59,7 +62,7 @@ static void qx_init(QX *qx, const float *x, int d) {
     }
 }
 static void qx_free(QX *qx) {
-    free(qx->q); free(qx->qp); free(qx->s); free(qx->sum8); free(qx->off); free(qx->offp); free(qx->off128);
+    free(qx->q); free(qx->qp); free(qx->s); free(qx->sum8); free(qx->off); free(qx->offp); free(qx->off128); free(qx->boff);
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)

@@ -42,6 +42,18 @@ static inline float f16_to_f32(uint16_t h) {
 
 #define QROW(F, w, i, d) ((w) + (int64_t)(i) * ROWB_##F(d))
 
+#include "quant_gemm_tiles.h"
+/* which formats the tiled prompt GEMM takes: block bytes, offset of the nibbles */
+#define q4_TILES 1
+#define q4_BB 18
+#define q4_QO 2
+#define q41_TILES 1
+#define q41_BB 20
+#define q41_QO 4
+#define q8_TILES 0
+#define q8_BB 34
+#define q8_QO 2
+
 #include "quant_axpy.h"
 
 /* out[i - lo] = row i . x for rows lo..hi-1 of w (hi: the end of the thread's rows, for the
@@ -101,6 +113,13 @@ static inline float f16_to_f32(uint16_t h) {
  * activations streamed from L2 for every four rows and a 64-token GEMM ran at 2/3 of the
  * four-token rate.  The float path instead de-quantised every matrix for every forward. */
 #define GEMM_TILE_BYTES (128 * 1024)
+#if defined(HAVE_GEMM_TILES)   /* whole 16-row tiles of a prompt first (quant_gemm_tiles.h) */
+#define GEMM_TILES(F)                                                                             \
+    if (F##_TILES && T >= TILE_MIN_TOKENS)                                                        \
+        lo = gemm_tiles(w, ROWB_##F(d), F##_BB, F##_QO, F##_HAS_MIN, qx, d, T, lo, hi, bias, n, out)
+#else
+#define GEMM_TILES(F) (void)0
+#endif
 #define DEFINE_QGEMM(F)                                                                           \
     void es_gemm_##F(const uint8_t *w, const float *x, const float *bias, int n, int d, int T,    \
                      int n_threads, float *out) {                                                 \
@@ -109,7 +128,9 @@ static inline float f16_to_f32(uint16_t h) {
         for (int t = 0; t < T; t++) qx_init(&qx[t], x + (int64_t)t * d, d);                       \
         _Pragma("omp parallel num_threads(n_threads)")                                            \
         {                                                                                         \
-            THREAD_RANGE(n, lo, hi);                                                              \
+            THREAD_RANGE(n, lo0, hi);                                                             \
+            int64_t lo = lo0;                                                                     \
+            GEMM_TILES(F);                                                                        \
             const int64_t lead = rows_ahead(ROWB_##F(d)), end4 = lo + (hi - lo) / 4 * 4;          \
             int64_t tile = GEMM_TILE_BYTES / ROWB_##F(d) / 4 * 4;                                 \
             if (tile < 4) tile = 4;                                                               \

@@ -1,0 +1,115 @@
+/* Prompt GEMM over 16-row tiles repacked on the fly (es_gemm_q4 / es_gemm_q41 from
+ * TILE_MIN_TOKENS tokens on; part of quant_rows.h, after quant_gemm.h).
+ *
+ * Why: the four-row dots (idot4t_*) spend a convert, a permute and an FMA on every vpdpbusd,
+ * because each int32 lane there holds four products of one block of one row: the FP ports,
+ * not the dots, bound a prompt (~300 int8 GOPS on 2 cores).  Here a tile of 16 rows is
+ * transposed once into lane order (int32 lane i = row i's next four weights), so a block of
+ * 32 weights of all 16 rows is 8 vpdpbusd against the token's four bytes broadcast, and one
+ * convert and one FMA per block finish the 16 rows: a sixth of the FP work per product.
+ * The repack reads each tile once per call and is shared by every token.
+ *
+ * The block sums are the same exact integers; the fp32 sum over blocks runs in another order
+ * than the one-token dot's, so a prompt's logits differ from the decode path's in the last
+ * bits.  Decode batches (fewer tokens than TILE_MIN_TOKENS) keep the bit-exact idot4t. */
+#define TILE_ROWS 16
+#define TILE_MIN_TOKENS 16
+#define TILE_TOKENS 16
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__F16C__)
+#define HAVE_GEMM_TILES 1
+/* per block: 4 x 64 bytes of nibble bytes in lane order, 16 fp32 scales, 16 fp32 minimums (q4_1) */
+#define TILE_BLOCK_BYTES(has_min) (256 + 64 + ((has_min) ? 64 : 0))
+
+static void tile_repack(const uint8_t *w, int64_t row_bytes, int64_t i0, int nb, int bb, int qo, int has_min,
+                        uint8_t *buf) {
+    const int64_t stride = TILE_BLOCK_BYTES(has_min);
+    for (int i = 0; i < TILE_ROWS; i++) {
+        const uint8_t *row = w + (i0 + i) * row_bytes;
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *blk = row + (int64_t)b * bb;
+            uint8_t *dst = buf + b * stride;
+            for (int j = 0; j < 4; j++) memcpy(dst + j * 64 + i * 4, blk + qo + 4 * j, 4);
+            uint16_t h;
+            memcpy(&h, blk, 2);
+            ((float *)(dst + 256))[i] = f16_to_f32(h);
+            if (has_min) {
+                memcpy(&h, blk + 2, 2);
+                ((float *)(dst + 320))[i] = f16_to_f32(h);
+            }
+        }
+    }
+}
+
+/* out[t * ld + i] (16 rows, T <= TILE_TOKENS tokens) = tile . x_t (+ bias) */
+static inline __attribute__((always_inline)) void tile_tokens_body(const uint8_t *buf, int nb, int has_min,
+                                                                   const QX *qx, const int T, float *out,
+                                                                   int64_t ld, const float *bias) {
+    const int64_t stride = TILE_BLOCK_BYTES(has_min);
+    const __m512i lo4 = _mm512_set1_epi8(0x0f);
+    __m512 acc[TILE_TOKENS];
+    for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *src = buf + b * stride;
+        __m512i wl[4], wh[4];
+        for (int j = 0; j < 4; j++) {
+            const __m512i raw = _mm512_load_si512(src + j * 64);
+            wl[j] = _mm512_and_si512(raw, lo4);                         /* weights 4j..4j+3 */
+            wh[j] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), lo4);   /* weights 16+4j.. */
+        }
+        const __m512 ws = _mm512_load_ps((const float *)(src + 256));
+        for (int t = 0; t < T; t++) {
+            const QX *x = qx + t;
+            const int32_t *xq = (const int32_t *)(x->q + (int64_t)b * QK);
+            /* q4_0: nibbles are q + 8, so start from -8 * sum(q) of the block (exact) */
+            __m512i s = has_min ? _mm512_setzero_si512() : _mm512_set1_epi32(x->boff[b]);
+            for (int j = 0; j < 4; j++) s = _mm512_dpbusd_epi32(s, wl[j], _mm512_set1_epi32(xq[j]));
+            for (int j = 0; j < 4; j++) s = _mm512_dpbusd_epi32(s, wh[j], _mm512_set1_epi32(xq[4 + j]));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(ws, _mm512_set1_ps(x->s[b])), acc[t]);
+            if (has_min)   /* q4_1: + m * s_x * sum(q) */
+                acc[t] = _mm512_fmadd_ps(_mm512_load_ps((const float *)(src + 320)),
+                                         _mm512_set1_ps(0.125f * x->sum8[b]), acc[t]);
+        }
+    }
+    const __m512 bv = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+    for (int t = 0; t < T; t++) _mm512_storeu_ps(out + t * ld, _mm512_add_ps(acc[t], bv));
+}
+
+static void tile_tokens(const uint8_t *buf, int nb, int has_min, const QX *qx, int T, float *out, int64_t ld,
+                        const float *bias) {
+    switch (T) {   /* a constant count per instance keeps the accumulators in registers */
+    case 16: tile_tokens_body(buf, nb, has_min, qx, 16, out, ld, bias); break;
+    case 15: tile_tokens_body(buf, nb, has_min, qx, 15, out, ld, bias); break;
+    case 14: tile_tokens_body(buf, nb, has_min, qx, 14, out, ld, bias); break;
+    case 13: tile_tokens_body(buf, nb, has_min, qx, 13, out, ld, bias); break;
+    case 12: tile_tokens_body(buf, nb, has_min, qx, 12, out, ld, bias); break;
+    case 11: tile_tokens_body(buf, nb, has_min, qx, 11, out, ld, bias); break;
+    case 10: tile_tokens_body(buf, nb, has_min, qx, 10, out, ld, bias); break;
+    case 9: tile_tokens_body(buf, nb, has_min, qx, 9, out, ld, bias); break;
+    case 8: tile_tokens_body(buf, nb, has_min, qx, 8, out, ld, bias); break;
+    case 7: tile_tokens_body(buf, nb, has_min, qx, 7, out, ld, bias); break;
+    case 6: tile_tokens_body(buf, nb, has_min, qx, 6, out, ld, bias); break;
+    case 5: tile_tokens_body(buf, nb, has_min, qx, 5, out, ld, bias); break;
+    case 4: tile_tokens_body(buf, nb, has_min, qx, 4, out, ld, bias); break;
+    case 3: tile_tokens_body(buf, nb, has_min, qx, 3, out, ld, bias); break;
+    case 2: tile_tokens_body(buf, nb, has_min, qx, 2, out, ld, bias); break;
+    default: tile_tokens_body(buf, nb, has_min, qx, 1, out, ld, bias); break;
+    }
+}
+
+/* Rows lo.. of a thread's range in whole tiles, all T tokens; returns the first row left. */
+static int64_t gemm_tiles(const uint8_t *w, int64_t row_bytes, int bb, int qo, int has_min, const QX *qx, int d,
+                          int T, int64_t lo, int64_t hi, const float *bias, int64_t n, float *out) {
+    const int nb = d / QK;
+    const int64_t end = lo + (hi - lo) / TILE_ROWS * TILE_ROWS;
+    if (end == lo) return lo;
+    uint8_t *buf = (uint8_t *)aligned_alloc(64, (size_t)nb * TILE_BLOCK_BYTES(has_min));
+    for (int64_t i0 = lo; i0 < end; i0 += TILE_ROWS) {
+        tile_repack(w, row_bytes, i0, nb, bb, qo, has_min, buf);
+        for (int t0 = 0; t0 < T; t0 += TILE_TOKENS)
+            tile_tokens(buf, nb, has_min, qx + t0, T - t0 < TILE_TOKENS ? T - t0 : TILE_TOKENS, out + t0 * n + i0,
+                        n, bias ? bias + i0 : NULL);
+    }
+    free(buf);
+    return end;
+}
+#endif
