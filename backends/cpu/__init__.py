@@ -54,7 +54,8 @@ class CpuExecutor(TorchExecutor):
                 if x.numel() == x.shape[-1]:
                     return native.q_gemv(w.weight, x.reshape(-1), w.bias).to(x.dtype).view(*x.shape[:-1], -1)
                 # several tokens (prefill): integer dots over the blocks, no float copy of W
-                out = native.q_gemm(w.weight, x.reshape(-1, x.shape[-1]), w.bias)
+                rows = x.reshape(-1, x.shape[-1])
+                out = native.q_gemm(w.weight, rows, w.bias, prompt=_is_prompt(rows))
                 return out.to(x.dtype).view(*x.shape[:-1], -1)
             return super().linear(x, w)
         if x.numel() == x.shape[-1] and native.supports(w.weight):   # one token
@@ -125,12 +126,13 @@ class CpuExecutor(TorchExecutor):
                 # token (the batched row sums add in another order)
                 return torch.stack([native.q_ffn_dense(r, w.gate, w.up, w.down_t, w.act) for r in x]).to(x.dtype)
             if x.dim() == 2 and native.supports_dense_ffn(w.gate, w.up, w.down_t):   # prefill, batches
+                p = _is_prompt(x)
                 if w.act in ("relu", "silu"):   # each token's activation as the one-token kernel's
-                    h = native.act_mul(native.q_gemm(w.gate, x), native.q_gemm(w.up, x), w.act)
+                    h = native.act_mul(native.q_gemm(w.gate, x, prompt=p), native.q_gemm(w.up, x, prompt=p), w.act)
                 else:
-                    h = activate(native.q_gemm(w.gate, x), w.act) * native.q_gemm(w.up, x)
+                    h = activate(native.q_gemm(w.gate, x, prompt=p), w.act) * native.q_gemm(w.up, x, prompt=p)
                 if isinstance(w.down_t, TransposedRows):
-                    return native.q_gemm(w.down_t.stored, h).to(x.dtype)
+                    return native.q_gemm(w.down_t.stored, h, prompt=p).to(x.dtype)
                 return native.q_rows_gemm(w.down_t, h).to(x.dtype)   # neuron-major: row sums
             return super().ffn_dense(x, w)
         if x.dim() == 2 and x.shape[0] == 1 and native.supports(w.down_t):
@@ -185,6 +187,13 @@ HUGE_PAGE = 2 << 20
 # Up to this many tokens (a continuously batched decode step, edgesparse/batching.py) the
 # gathering ops run their one-token kernel per token; more (prefill) take the masked GEMMs.
 BATCH_ROWS = 16
+
+
+def _is_prompt(rows: torch.Tensor) -> bool:
+    """More rows than a decode batch takes: a prompt, which may add in another fp32 order.  A
+    batch of decode rows (up to ``BATCH_ROWS``, or the native batched step at any size) keeps
+    every row equal to that token alone."""
+    return rows.shape[0] > BATCH_ROWS
 
 
 def huge_page_copy(t: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ _SIGNATURES = {
 }
 FMT_CODE = {"q8_0": 0, "q4_0": 1, "q4_1": 2}   # decode_layer.c's FMT_*
 # Kernels over block rows only (one per block format).
-_QUANT_ONLY_SIGNATURES = {"es_gemm": [_P, _P, _P, _I, _I, _I, _I, _P], "es_rows_gemm": [_P, _P, _I, _I, _I, _I, _P]}
+_QUANT_ONLY_SIGNATURES = {"es_gemm": [_P, _P, _P, _I, _I, _I, _I, _P], "es_prompt_gemm": [_P, _P, _P, _I, _I, _I, _I, _P], "es_rows_gemm": [_P, _P, _I, _I, _I, _I, _P]}
 # Kernels with one name for every format (the format is an argument: FMT_CODE).
 _PLAIN_SIGNATURES = {"es_ffn_dense_q": [_I, _I, _I, _I, _P, _P, _P, _I, _I, _P, _I, _P],
                      "es_decode_layers": [_P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _P],
@@ -245,13 +245,15 @@ def q_gemv(w, x: torch.Tensor, bias=None) -> torch.Tensor:
     return out
 
 
-def q_gemm(w, x: torch.Tensor, bias=None) -> torch.Tensor:
-    """``x [T, d] @ w.T (+ bias)`` for a QuantRows ``w [n, d]`` (prefill); fp32 ``[T, n]``, each
-    row equal to ``q_gemv`` of that token."""
+def q_gemm(w, x: torch.Tensor, bias=None, prompt: bool = False) -> torch.Tensor:
+    """``x [T, d] @ w.T (+ bias)`` for a QuantRows ``w [n, d]``; fp32 ``[T, n]``.  A batch of
+    decode rows (``prompt=False``) gets each row equal to ``q_gemv`` of that token, to the bit;
+    a prompt may take the repacked-tile kernel (``csrc/quant_gemm_tiles.h``), equal up to the
+    order of fp32 sums over blocks."""
     x, bias = _f32(x), _f32(bias)
     n, d = w.shape
     out = torch.empty(x.shape[0], n, dtype=torch.float32)
-    _qfn("es_gemm", w)(w.data.data_ptr(), x.data_ptr(), _ptr(bias), n, d, x.shape[0], torch.get_num_threads(),
+    _qfn("es_prompt_gemm" if prompt else "es_gemm", w)(w.data.data_ptr(), x.data_ptr(), _ptr(bias), n, d, x.shape[0], torch.get_num_threads(),
                        out.data_ptr())
     return out
 

@@ -48,24 +48,42 @@ def test_gemm_is_the_gemv_of_every_token(fmt, n, d, tokens):
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
 def test_gemm_over_many_row_tiles_and_tokens(fmt):
     """A prompt-sized GEMM: rows in several L2 tiles per thread (GEMM_TILE_BYTES), an odd row
-    count (a tail of one-row dots), 4-token passes with remainders.  From 16 tokens on, 4-bit
-    rows go through 16-row tiles repacked in lane order (quant_gemm_tiles.h, AVX-512 VNNI):
-    the same exact integer block sums, added over blocks in another fp32 order, so equal to
-    the GEMV up to fp32 rounding; each thread's last rows (fewer than 16) and 8-token passes
-    with remainders of 2 and 3 are covered.  Below 16 tokens, and for q8_0, bit for bit."""
+    count (a tail of one-row dots), 4-token passes with remainders.  A decode batch's GEMM
+    (``prompt=False``) is the GEMV of every token, bit for bit, at any size.  A prompt's
+    (``prompt=True``) takes, from 16 tokens on, 16-row tiles of 4-bit rows repacked in lane
+    order (quant_gemm_tiles.h, AVX-512 VNNI): the same exact integer block sums, added over
+    blocks in another fp32 order, so equal to the GEMV up to fp32 rounding; each thread's
+    last rows (fewer than 16) and 16-token passes with remainders of 3 and 2 are covered.
+    Below 16 tokens, and for q8_0, a prompt's GEMM is bit for bit the GEMV too."""
     n, d = 2 * 131 + 1, 4096 + 64   # q8_0 rows of 4,420 B: tiles of 28 rows
     w = _q(n, d, fmt, 14)
     g = torch.Generator().manual_seed(15)
     for tokens in (15, 16, 35, 66):
         x, bias = torch.randn(tokens, d, generator=g), torch.randn(n, generator=g)
-        out = native.q_gemm(w, x, bias)
-        _close(out, x @ w.rows().T + bias, 2e-2)
+        batch, prompt = native.q_gemm(w, x, bias), native.q_gemm(w, x, bias, prompt=True)
+        _close(prompt, x @ w.rows().T + bias, 2e-2)
         for t in range(tokens):
             want = native.q_gemv(w, x[t], bias)
+            assert torch.equal(batch[t], want)
             if tokens < 16 or fmt == "q8_0":
-                assert torch.equal(out[t], want)
+                assert torch.equal(prompt[t], want)
             else:
-                assert torch.allclose(out[t], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+                assert torch.allclose(prompt[t], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_executor_gives_prompts_the_prompt_gemm_and_decode_batches_the_exact_one():
+    """Up to BATCH_ROWS rows (a continuously batched decode step) every row is its token
+    alone; more rows (a prompt) may take the repacked tiles."""
+    from edgesparse.backends.cpu import BATCH_ROWS, CpuExecutor
+    from edgesparse.backends.interface import LinearWeights
+    ex, w = CpuExecutor("cpu"), _q(48, 256, "q4_0", 21)
+    g = torch.Generator().manual_seed(22)
+    for rows in (BATCH_ROWS, BATCH_ROWS + 1, 40):
+        x = torch.randn(rows, 256, generator=g)
+        got = ex.linear(x, LinearWeights(w))
+        assert torch.equal(got, native.q_gemm(w, x, prompt=rows > BATCH_ROWS))
+        if rows <= BATCH_ROWS:
+            assert all(torch.equal(got[t], native.q_gemv(w, x[t])) for t in range(rows))
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])

@@ -115,14 +115,14 @@ static inline float f16_to_f32(uint16_t h) {
 #define GEMM_TILE_BYTES (128 * 1024)
 #if defined(HAVE_GEMM_TILES)   /* whole 16-row tiles of a prompt first (quant_gemm_tiles.h) */
 #define GEMM_TILES(F)                                                                             \
-    if (F##_TILES && T >= TILE_MIN_TOKENS)                                                        \
+    if (F##_TILES && prompt && T >= TILE_MIN_TOKENS)                                              \
         lo = gemm_tiles(w, ROWB_##F(d), F##_BB, F##_QO, F##_HAS_MIN, qx, d, T, lo, hi, bias, n, out)
 #else
 #define GEMM_TILES(F) (void)0
 #endif
 #define DEFINE_QGEMM(F)                                                                           \
-    void es_gemm_##F(const uint8_t *w, const float *x, const float *bias, int n, int d, int T,    \
-                     int n_threads, float *out) {                                                 \
+    static void gemm_##F(const uint8_t *w, const float *x, const float *bias, int n, int d, int T,  \
+                         int n_threads, int prompt, float *out) {                                 \
         QX *qx = (QX *)malloc(sizeof(QX) * (size_t)T);                                            \
         _Pragma("omp parallel for num_threads(n_threads)")                                        \
         for (int t = 0; t < T; t++) qx_init(&qx[t], x + (int64_t)t * d, d);                       \
@@ -159,6 +159,16 @@ static inline float f16_to_f32(uint16_t h) {
         }                                                                                         \
         for (int t = 0; t < T; t++) qx_free(&qx[t]);                                              \
         free(qx);                                                                                 \
+    }                                                                                             \
+    /* a batched decode step's GEMM: every token's row is es_gemv's, to the bit */                \
+    void es_gemm_##F(const uint8_t *w, const float *x, const float *bias, int n, int d, int T,    \
+                     int n_threads, float *out) {                                                 \
+        gemm_##F(w, x, bias, n, d, T, n_threads, 0, out);                                         \
+    }                                                                                             \
+    /* a prompt's: from TILE_MIN_TOKENS tokens on, 4-bit rows in repacked tiles (fp32 order) */   \
+    void es_prompt_gemm_##F(const uint8_t *w, const float *x, const float *bias, int n, int d,    \
+                            int T, int n_threads, float *out) {                                   \
+        gemm_##F(w, x, bias, n, d, T, n_threads, 1, out);                                         \
     }
 DEFINE_QGEMM(q8)
 DEFINE_QGEMM(q4)
