@@ -17,6 +17,7 @@ talks only to it, so nothing else branches on the device.  Conventions:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -279,6 +280,14 @@ class Executor(ABC):
 
     # Whether ``capture`` records a device graph (True: replays skip launch and Python costs).
     captures_graphs = False
+
+    @contextmanager
+    def prompt(self):
+        """The ops inside compute a prompt (a forward of several positions per sequence): a
+        backend may take kernels whose fp32 rounding differs from its decode kernels' (the cpu
+        backend's repacked-tile GEMM).  Decode steps, alone or batched, never run inside, so a
+        batched sequence's tokens stay equal to its tokens alone."""
+        yield
 
     def capture(self, fn):
         """A replay of ``fn``, a step with fixed shapes that reads and writes only tensors it

@@ -7,7 +7,7 @@ runs the FFNs densely (many tokens use most neurons anyway); decode steps run ea
 FFN in the model's ``ffn_mode``."""
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -155,6 +155,13 @@ class DecoderModel:
                                                  attn_mask=mask, enable_gqa=s.n_kv_heads != s.n_heads)
             return att.transpose(1, 2).reshape(B, T, nq)
 
+        with self.ex.prompt() if T > 1 else nullcontext():   # a prompt may round otherwise
+            x = self._layers(layers, x, cache, cos, sin, start, first, attend, mode, attn_sparse, single)
+            logits = self._logits(x if all_logits else x[:, -1:])
+        cache.length = end
+        return logits if all_logits else logits[:, -1]
+
+    def _layers(self, layers, x, cache, cos, sin, start, first, attend, mode, attn_sparse, single):
         for li, layer in enumerate(layers):
             step = self._layer_step(li, layer, mode, attn_sparse) if single and self.fused_decode else None
             done = step and self.ex.decode_layer(step, x.view(-1), cache.k[li][0], cache.v[li][0], cos, sin,
@@ -165,9 +172,7 @@ class DecoderModel:
                     record_gather(self.stats.layer(li), 1, step.ffn.gate.shape[0], done[1], done[2])
                 continue
             x = self._block(li, layer, x, attend, mode, attn_sparse)
-        cache.length = end
-        logits = self._logits(x if all_logits else x[:, -1:])
-        return logits if all_logits else logits[:, -1]
+        return x
 
     def decode_rows(self, tokens: list[int], caches: list[KVCache], positions: list[int]) -> torch.Tensor:
         """One decode step of ``len(tokens)`` independent sequences, each appending one token to

@@ -50,40 +50,42 @@ def test_gemm_over_many_row_tiles_and_tokens(fmt):
     """A prompt-sized GEMM: rows in several L2 tiles per thread (GEMM_TILE_BYTES), an odd row
     count (a tail of one-row dots), 4-token passes with remainders.  A decode batch's GEMM
     (``prompt=False``) is the GEMV of every token, bit for bit, at any size.  A prompt's
-    (``prompt=True``) takes, from 16 tokens on, 16-row tiles of 4-bit rows repacked in lane
+    (``prompt=True``) takes, from 8 tokens on, 16-row tiles of 4-bit rows repacked in lane
     order (quant_gemm_tiles.h, AVX-512 VNNI): the same exact integer block sums, added over
     blocks in another fp32 order, so equal to the GEMV up to fp32 rounding; each thread's
     last rows (fewer than 16) and 16-token passes with remainders of 3 and 2 are covered.
-    Below 16 tokens, and for q8_0, a prompt's GEMM is bit for bit the GEMV too."""
+    Below 8 tokens, and for q8_0, a prompt's GEMM is bit for bit the GEMV too."""
     n, d = 2 * 131 + 1, 4096 + 64   # q8_0 rows of 4,420 B: tiles of 28 rows
     w = _q(n, d, fmt, 14)
     g = torch.Generator().manual_seed(15)
-    for tokens in (15, 16, 35, 66):
+    for tokens in (7, 8, 15, 16, 35, 66):
         x, bias = torch.randn(tokens, d, generator=g), torch.randn(n, generator=g)
         batch, prompt = native.q_gemm(w, x, bias), native.q_gemm(w, x, bias, prompt=True)
         _close(prompt, x @ w.rows().T + bias, 2e-2)
         for t in range(tokens):
             want = native.q_gemv(w, x[t], bias)
             assert torch.equal(batch[t], want)
-            if tokens < 16 or fmt == "q8_0":
+            if tokens < 8 or fmt == "q8_0":
                 assert torch.equal(prompt[t], want)
             else:
                 assert torch.allclose(prompt[t], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 def test_executor_gives_prompts_the_prompt_gemm_and_decode_batches_the_exact_one():
-    """Up to BATCH_ROWS rows (a continuously batched decode step) every row is its token
-    alone; more rows (a prompt) may take the repacked tiles."""
-    from edgesparse.backends.cpu import BATCH_ROWS, CpuExecutor
+    """Outside ``ex.prompt()`` (decode steps, batched ones too) every row is its token alone;
+    inside (a prefill), 8 rows and more take the repacked tiles."""
+    from edgesparse.backends.cpu import PROMPT_GEMM_ROWS, CpuExecutor
     from edgesparse.backends.interface import LinearWeights
     ex, w = CpuExecutor("cpu"), _q(48, 256, "q4_0", 21)
     g = torch.Generator().manual_seed(22)
-    for rows in (BATCH_ROWS, BATCH_ROWS + 1, 40):
+    for rows in (PROMPT_GEMM_ROWS - 1, PROMPT_GEMM_ROWS, 40):
         x = torch.randn(rows, 256, generator=g)
-        got = ex.linear(x, LinearWeights(w))
-        assert torch.equal(got, native.q_gemm(w, x, prompt=rows > BATCH_ROWS))
-        if rows <= BATCH_ROWS:
-            assert all(torch.equal(got[t], native.q_gemv(w, x[t])) for t in range(rows))
+        batch = ex.linear(x, LinearWeights(w))
+        assert all(torch.equal(batch[t], native.q_gemv(w, x[t])) for t in range(rows))
+        with ex.prompt():
+            prompt = ex.linear(x, LinearWeights(w))
+        assert torch.equal(prompt, native.q_gemm(w, x, prompt=rows >= PROMPT_GEMM_ROWS))
+    assert not ex._in_prompt
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
