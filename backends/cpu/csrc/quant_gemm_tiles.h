@@ -23,8 +23,10 @@
 #define TILE_BLOCK_BYTES(has_min) (256 + 64 + ((has_min) ? 64 : 0))
 
 static void tile_repack(const uint8_t *w, int64_t row_bytes, int64_t i0, int nb, int bb, int qo, int has_min,
-                        uint8_t *buf) {
+                        int prefetch_next, uint8_t *buf) {
     const int64_t stride = TILE_BLOCK_BYTES(has_min);
+    if (prefetch_next)   /* the next tile streams in from memory while this one is computed */
+        for (int64_t o = 0; o < TILE_ROWS * row_bytes; o += 64) PREFETCH(w + (i0 + TILE_ROWS) * row_bytes + o);
     for (int i = 0; i < TILE_ROWS; i++) {
         const uint8_t *row = w + (i0 + i) * row_bytes;
         for (int b = 0; b < nb; b++) {
@@ -106,7 +108,7 @@ static int64_t gemm_tiles(const uint8_t *w, int64_t row_bytes, int bb, int qo, i
     if (end == lo) return lo;
     uint8_t *buf = (uint8_t *)aligned_alloc(64, (size_t)nb * TILE_BLOCK_BYTES(has_min));
     for (int64_t i0 = lo; i0 < end; i0 += TILE_ROWS) {
-        tile_repack(w, row_bytes, i0, nb, bb, qo, has_min, buf);
+        tile_repack(w, row_bytes, i0, nb, bb, qo, has_min, i0 + 2 * TILE_ROWS <= end, buf);
         for (int t0 = 0; t0 < T; t0 += TILE_TOKENS)
             tile_tokens(buf, nb, has_min, qx + t0, T - t0 < TILE_TOKENS ? T - t0 : TILE_TOKENS, out + t0 * n + i0,
                         n, bias ? bias + i0 : NULL);
