@@ -2,10 +2,10 @@
 CI: the llama.cpp build takes ~15 min on 2 cores).
 
     python bench/peers/llamacpp_prefill.py --work /tmp/peer [--threads 2] [--prompts 16 64 256]
-        [--rounds 2] [--out bench/results/peer_tinyllama_prefill.json]
+        [--rounds 2] [--gguf FILE] [--out bench/results/peer_tinyllama_prefill.json]
 
 The model is the synthetic TinyLlama-1.1B shape of ``bench/peers/llamacpp.py`` as the very
-q4_0 GGUF llama.cpp reads.  llama.cpp: ``llama-batched-bench -npp P -ntg 1 -npl 1``, its
+q4_0 GGUF llama.cpp reads, or any GGUF file given with ``--gguf`` (e.g. SmolLM2's own Q4_1).  llama.cpp: ``llama-batched-bench -npp P -ntg 1 -npl 1``, its
 ``speed_pp`` (prompt tokens / prompt time).  edgesparse: the same file loaded in-process, one
 forward of a P-token prompt into a fresh cache (median of 5 after 2 warm-ups), with the prompt
 GEMM (``es_prompt_gemm``: 16-row tiles repacked in lane order) and, for comparison, with the
@@ -40,7 +40,7 @@ def ours_prefill(llm, prompt: int, prompt_gemm: bool, reps: int = 5) -> float:
     import torch
     import edgesparse.backends.cpu as cpu
     m = llm.model
-    ids = torch.randint(100, 30000, (1, prompt), generator=torch.Generator().manual_seed(prompt))
+    ids = torch.randint(100, 30000, (1, prompt), generator=torch.Generator().manual_seed(prompt)) % m.spec.vocab_size
     saved = cpu.CpuExecutor.prompt
     if not prompt_gemm:   # the GEMM every prompt used before
         cpu.CpuExecutor.prompt = lambda self: contextlib.nullcontext()
@@ -64,12 +64,13 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompts", type=int, nargs="+", default=[16, 64, 256])
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--gguf", type=Path, default=None, help="a GGUF file instead of the synthetic TinyLlama q4_0")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/peer_tinyllama_prefill.json")
     a = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(a.threads)
     a.work.mkdir(parents=True, exist_ok=True)
     src = build_llama_cpp(a.work, ("llama-bench", "llama-quantize", "llama-batched-bench"))
-    gguf = synthetic_gguf(a.work, src, ["q4_0"])["q4_0"]
+    gguf = a.gguf or synthetic_gguf(a.work, src, ["q4_0"])["q4_0"]
 
     import torch
     import edgesparse
@@ -77,7 +78,7 @@ def main():
     from edgesparse.benchmarks.ffn import read_bandwidth_gbs
     torch.set_num_threads(a.threads)
     llm = edgesparse.load(str(gguf), backend="cpu")
-    res = dict(model="synthetic TinyLlama-1.1B shape, q4_0 GGUF (both runtimes read this file)",
+    res = dict(model=(str(a.gguf) if a.gguf else "synthetic TinyLlama-1.1B shape, q4_0 GGUF") + " (both runtimes read it)",
                threads=a.threads, activations=str(llm.model.dtype), rounds=[])
     for _ in range(a.rounds):
         rnd = dict(bandwidth_gbs=round(read_bandwidth_gbs(CpuExecutor("cpu")), 2),
