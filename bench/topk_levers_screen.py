@@ -12,7 +12,9 @@ dropped weight on SmolLM2 Q4_1, each against today's uniform rotated Top-K, pair
    the largest |silu(gate)| and down's Top-K over those; the saved up bytes buy a larger input
    K.  Its byte count assumes a kernel could skip (neuron, input) pairs inside Wᵀ's rows, which
    the input-major layout cannot: the figure is an upper bound for the idea.
-3. *Low-rank compensation* (R-Sparse-like): the dropped inputs' contribution through a rank-r
+3. *The first token dense*: the attention-sink position of each window computed densely (as a
+   prompt's is in use), every later token sparse.
+4. *Low-rank compensation* (R-Sparse-like): the dropped inputs' contribution through a rank-r
    SVD of the rotated weight, against spending the same bytes on a larger K; relative output
    error of qkv and gate|up on held-out calibration tokens (every third layer).
 
@@ -98,6 +100,22 @@ def realised_sparsity(counts):
     return 1 - read / sum(d_in * d_out for _, _, d_in, d_out in counts.values())
 
 
+def first_dense(mm, windows, n, dense, base, head=1):
+    """Per-window NLL with the first ``head`` positions dense and the rest sparse."""
+    tot, per = 0.0, []
+    with torch.inference_mode():
+        for w in windows:
+            ids, T = w[None], w.shape[0]
+            cache, pos = mm.new_cache(1, T), torch.arange(T)[None]
+            logits = torch.cat([mm.forward(ids[:, :head], cache, pos[:, :head], all_logits=True),
+                                mm.forward(ids[:, head:], cache, pos[:, head:], all_logits=True, sparse_prefill=True)], 1)
+            per.append(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum").item())
+            tot += per[-1]
+    out = dict(ppl=round(math.exp(tot / n), 3), gap_pct=round(100 * (math.exp((tot - dense) / n) - 1), 2))
+    out["vs_uniform"], out["se"] = paired(per, base, n)
+    return out
+
+
 def gate_first(cfg):
     sg, f1, f2 = cfg
 
@@ -175,6 +193,7 @@ def main():
         mm = copy.deepcopy(m)
         install_topk(mm, topk_sizes(m.spec, level, level), *rot)
         r["uniform"], base = run(mm, windows, n, dense, desc=f"uniform {level}")
+        r["first token dense"] = first_dense(mm, windows, n, dense, base)
         for cfg in GATE_FIRST[level]:
             model_weights.topk_mlp = gate_first(cfg)
             r[f"gate_first in{cfg[0]} up{cfg[1]} down{cfg[2]}"], _ = run(mm, windows, n, dense, base, "gate-first")
