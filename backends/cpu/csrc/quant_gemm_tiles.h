@@ -24,31 +24,51 @@
 #define TILE_WBYTES(nib) ((nib) ? 256 : 512)
 #define TILE_BLOCK_BYTES(nib, has_min) (TILE_WBYTES(nib) + 64 + ((has_min) ? 64 : 0))
 
+/* 16 rows' 16 bytes at src[i] -> out[j] (j = 0..3): lane i = row i's bytes 4j..4j+3.  Four rows
+ * per register, a dword transpose inside each register (vpermd), then a 4 x 4 transpose of the
+ * 128-bit lanes across the four registers. */
+static inline void transpose16x4(const uint8_t *const *src, int64_t off, int flip, __m512i *out) {
+    const __m512i idx = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    __m512i z[4];
+    for (int q = 0; q < 4; q++) {
+        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(src[4 * q] + off)));
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(src[4 * q + 1] + off)), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(src[4 * q + 2] + off)), 2);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(src[4 * q + 3] + off)), 3);
+        z[q] = _mm512_permutexvar_epi32(idx, v);   /* 128-bit lane j: dword j of the four rows */
+    }
+    const __m512i a = _mm512_shuffle_i32x4(z[0], z[1], 0x44), b = _mm512_shuffle_i32x4(z[0], z[1], 0xEE);
+    const __m512i c = _mm512_shuffle_i32x4(z[2], z[3], 0x44), d = _mm512_shuffle_i32x4(z[2], z[3], 0xEE);
+    out[0] = _mm512_shuffle_i32x4(a, c, 0x88);
+    out[1] = _mm512_shuffle_i32x4(a, c, 0xDD);
+    out[2] = _mm512_shuffle_i32x4(b, d, 0x88);
+    out[3] = _mm512_shuffle_i32x4(b, d, 0xDD);
+    if (flip)   /* q8_0: int8 weights made unsigned, w + 128 */
+        for (int j = 0; j < 4; j++) out[j] = _mm512_xor_si512(out[j], _mm512_set1_epi8((char)0x80));
+}
+
 static void tile_repack(const uint8_t *w, int64_t row_bytes, int64_t i0, int nb, int bb, int qo, int nib,
                         int has_min, int prefetch_next, uint8_t *buf) {
     const int64_t stride = TILE_BLOCK_BYTES(nib, has_min), wb = TILE_WBYTES(nib);
-    const int groups = nib ? 4 : 8;   /* 4-byte groups of a block's quant bytes */
     if (prefetch_next)   /* the next tile streams in from memory while this one is computed */
         for (int64_t o = 0; o < TILE_ROWS * row_bytes; o += 64) PREFETCH(w + (i0 + TILE_ROWS) * row_bytes + o);
-    for (int i = 0; i < TILE_ROWS; i++) {
-        const uint8_t *row = w + (i0 + i) * row_bytes;
-        for (int b = 0; b < nb; b++) {
-            const uint8_t *blk = row + (int64_t)b * bb;
-            uint8_t *dst = buf + b * stride;
-            for (int j = 0; j < groups; j++) {
-                uint32_t v;
-                memcpy(&v, blk + qo + 4 * j, 4);
-                if (!nib) v ^= 0x80808080u;
-                memcpy(dst + j * 64 + i * 4, &v, 4);
-            }
-            uint16_t h;
-            memcpy(&h, blk, 2);
-            ((float *)(dst + wb))[i] = f16_to_f32(h);
-            if (has_min) {
-                memcpy(&h, blk + 2, 2);
-                ((float *)(dst + wb + 64))[i] = f16_to_f32(h);
-            }
+    const uint8_t *rows[TILE_ROWS];
+    for (int i = 0; i < TILE_ROWS; i++) rows[i] = w + (i0 + i) * row_bytes;
+    for (int b = 0; b < nb; b++) {
+        const int64_t o = (int64_t)b * bb;
+        uint8_t *dst = buf + b * stride;
+        __m512i t[4];
+        for (int half = 0; half < (nib ? 1 : 2); half++) {   /* q8_0: 32 quant bytes, two halves */
+            transpose16x4(rows, o + qo + 16 * half, !nib, t);
+            for (int j = 0; j < 4; j++) _mm512_store_si512(dst + (4 * half + j) * 64, t[j]);
         }
+        uint16_t h[TILE_ROWS], m[TILE_ROWS];
+        for (int i = 0; i < TILE_ROWS; i++) {
+            memcpy(h + i, rows[i] + o, 2);
+            if (has_min) memcpy(m + i, rows[i] + o + 2, 2);
+        }
+        _mm512_store_ps((float *)(dst + wb), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h)));
+        if (has_min) _mm512_store_ps((float *)(dst + wb + 64), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)m)));
     }
 }
 
