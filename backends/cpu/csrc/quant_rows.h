@@ -110,14 +110,17 @@ static inline float f16_to_f32(uint16_t h) {
         qx_free(&qx);                                                                             \
     }
 
-/* out[T, n] = X W^T (+ bias) for T tokens (prefill, a batched decode step): each group of four
+/* out[T, n] = X W^T (+ bias) for T tokens (a batched decode step, a prompt): each group of four
  * rows is dotted with four tokens at a time (idot4t, quant_gemm.h: the weights' unpacking and
  * scales shared by the tokens), over the same thread ranges and four-row groups as the GEMV, so
  * token t's row equals es_gemv of that token exactly.  For many tokens the rows are taken in
  * tiles of ~GEMM_TILE_BYTES that stay in L2 while every group of four tokens passes over them
  * (their quantised activations, ~10 KB, stay in L1): row by row over all tokens, a prompt's
  * activations streamed from L2 for every four rows and a 64-token GEMM ran at 2/3 of the
- * four-token rate.  The float path instead de-quantised every matrix for every forward. */
+ * four-token rate.  The float path instead de-quantised every matrix for every forward.
+ * A prompt (es_prompt_gemm_*, from the executor's prompt() scope) first takes each thread's
+ * whole 16-row tiles through quant_gemm_tiles.h, which adds in another fp32 order; the rows
+ * left over, and every decode batch (es_gemm_*), take the exact path below. */
 #define GEMM_TILE_BYTES (128 * 1024)
 #if defined(HAVE_GEMM_TILES)   /* whole 16-row tiles of a prompt first (quant_gemm_tiles.h) */
 #define GEMM_TILES(F)                                                                             \
