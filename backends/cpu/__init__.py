@@ -58,10 +58,6 @@ class CpuExecutor(TorchExecutor):
         finally:
             self._in_prompt = saved
 
-    def _prompt_gemm(self, rows: torch.Tensor) -> bool:
-        """Inside a prompt and enough rows: the repacked-tile GEMM (``es_prompt_gemm``)."""
-        return self._in_prompt and rows.shape[0] >= PROMPT_GEMM_ROWS
-
     def linear(self, x, w: LinearWeights):
         if isinstance(w.weight, QuantRows):
             if native.supports_quant(w.weight):
@@ -69,7 +65,7 @@ class CpuExecutor(TorchExecutor):
                     return native.q_gemv(w.weight, x.reshape(-1), w.bias).to(x.dtype).view(*x.shape[:-1], -1)
                 # several tokens (prefill): integer dots over the blocks, no float copy of W
                 rows = x.reshape(-1, x.shape[-1])
-                out = native.q_gemm(w.weight, rows, w.bias, prompt=self._prompt_gemm(rows))
+                out = native.q_gemm(w.weight, rows, w.bias, prompt=self._in_prompt)
                 return out.to(x.dtype).view(*x.shape[:-1], -1)
             return super().linear(x, w)
         if x.numel() == x.shape[-1] and native.supports(w.weight):   # one token
@@ -140,7 +136,7 @@ class CpuExecutor(TorchExecutor):
                 # token (the batched row sums add in another order)
                 return torch.stack([native.q_ffn_dense(r, w.gate, w.up, w.down_t, w.act) for r in x]).to(x.dtype)
             if x.dim() == 2 and native.supports_dense_ffn(w.gate, w.up, w.down_t):   # prefill, batches
-                p = self._prompt_gemm(x)
+                p = self._in_prompt   # es_prompt_gemm keeps its own row floor
                 if w.act in ("relu", "silu"):   # each token's activation as the one-token kernel's
                     h = native.act_mul(native.q_gemm(w.gate, x, prompt=p), native.q_gemm(w.up, x, prompt=p), w.act)
                 else:
@@ -201,10 +197,6 @@ HUGE_PAGE = 2 << 20
 # Up to this many tokens (a continuously batched decode step, edgesparse/batching.py) the
 # gathering ops run their one-token kernel per token; more (prefill) take the masked GEMMs.
 BATCH_ROWS = 16
-
-# From this many rows a prompt's 4-bit GEMM takes the repacked tiles (measured on a 5632 x 2048
-# q4_0 matrix: 68 vs 86 us a token at 8 rows, 99 vs 87 at 4); the C side keeps the same floor.
-PROMPT_GEMM_ROWS = 8
 
 
 def huge_page_copy(t: torch.Tensor) -> torch.Tensor:

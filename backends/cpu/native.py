@@ -253,8 +253,8 @@ def q_gemm(w, x: torch.Tensor, bias=None, prompt: bool = False) -> torch.Tensor:
     x, bias = _f32(x), _f32(bias)
     n, d = w.shape
     out = torch.empty(x.shape[0], n, dtype=torch.float32)
-    _qfn("es_prompt_gemm" if prompt else "es_gemm", w)(w.data.data_ptr(), x.data_ptr(), _ptr(bias), n, d, x.shape[0], torch.get_num_threads(),
-                       out.data_ptr())
+    fn = _qfn("es_prompt_gemm" if prompt else "es_gemm", w)
+    fn(w.data.data_ptr(), x.data_ptr(), _ptr(bias), n, d, x.shape[0], torch.get_num_threads(), out.data_ptr())
     return out
 
 

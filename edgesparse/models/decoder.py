@@ -156,23 +156,19 @@ class DecoderModel:
             return att.transpose(1, 2).reshape(B, T, nq)
 
         with self.ex.prompt() if T > 1 else nullcontext():   # a prompt may round otherwise
-            x = self._layers(layers, x, cache, cos, sin, start, first, attend, mode, attn_sparse, single)
+            for li, layer in enumerate(layers):
+                step = self._layer_step(li, layer, mode, attn_sparse) if single and self.fused_decode else None
+                done = step and self.ex.decode_layer(step, x.view(-1), cache.k[li][0], cache.v[li][0], cos, sin,
+                                                     start, first)
+                if done:
+                    x = done[0].view(1, 1, -1)
+                    if step.ffn_sparse:
+                        record_gather(self.stats.layer(li), 1, step.ffn.gate.shape[0], done[1], done[2])
+                    continue
+                x = self._block(li, layer, x, attend, mode, attn_sparse)
             logits = self._logits(x if all_logits else x[:, -1:])
         cache.length = end
         return logits if all_logits else logits[:, -1]
-
-    def _layers(self, layers, x, cache, cos, sin, start, first, attend, mode, attn_sparse, single):
-        for li, layer in enumerate(layers):
-            step = self._layer_step(li, layer, mode, attn_sparse) if single and self.fused_decode else None
-            done = step and self.ex.decode_layer(step, x.view(-1), cache.k[li][0], cache.v[li][0], cos, sin,
-                                                 start, first)
-            if done:
-                x = done[0].view(1, 1, -1)
-                if step.ffn_sparse:
-                    record_gather(self.stats.layer(li), 1, step.ffn.gate.shape[0], done[1], done[2])
-                continue
-            x = self._block(li, layer, x, attend, mode, attn_sparse)
-        return x
 
     def decode_rows(self, tokens: list[int], caches: list[KVCache], positions: list[int]) -> torch.Tensor:
         """One decode step of ``len(tokens)`` independent sequences, each appending one token to

@@ -73,18 +73,20 @@ def test_gemm_over_many_row_tiles_and_tokens(fmt):
 
 def test_executor_gives_prompts_the_prompt_gemm_and_decode_batches_the_exact_one():
     """Outside ``ex.prompt()`` (decode steps, batched ones too) every row is its token alone;
-    inside (a prefill), 8 rows and more take the repacked tiles."""
-    from edgesparse.backends.cpu import PROMPT_GEMM_ROWS, CpuExecutor
+    inside (a prefill) the prompt GEMM runs, which takes the repacked tiles from 8 rows."""
+    from edgesparse.backends.cpu import CpuExecutor
     from edgesparse.backends.interface import LinearWeights
     ex, w = CpuExecutor("cpu"), _q(48, 256, "q4_0", 21)
     g = torch.Generator().manual_seed(22)
-    for rows in (PROMPT_GEMM_ROWS - 1, PROMPT_GEMM_ROWS, 40):
+    for rows in (7, 8, 40):
         x = torch.randn(rows, 256, generator=g)
         batch = ex.linear(x, LinearWeights(w))
         assert all(torch.equal(batch[t], native.q_gemv(w, x[t])) for t in range(rows))
         with ex.prompt():
             prompt = ex.linear(x, LinearWeights(w))
-        assert torch.equal(prompt, native.q_gemm(w, x, prompt=rows >= PROMPT_GEMM_ROWS))
+        assert torch.equal(prompt, native.q_gemm(w, x, prompt=True))
+        if rows < 8:   # below the floor the prompt GEMM is the exact one
+            assert torch.equal(prompt, batch)
     assert not ex._in_prompt
 
 

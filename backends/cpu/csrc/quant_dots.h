@@ -313,9 +313,9 @@ static inline __m512i q8_pair(const uint8_t *row, int64_t o0, int64_t o1) {
                                    _mm256_loadu_si256((const __m256i *)(row + o1)), 1);
     return _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80));
 }
-DEFINE_IDOT4(q4, 18, 2, 1, qx->qp, _mm512_load_si512(qx->offp + b * 8), nibble_pair)
-DEFINE_IDOT4(q41, 20, 4, 1, qx->qp, _mm512_setzero_si512(), nibble_pair)
-DEFINE_IDOT4(q8, 34, 2, 0, qx->q, _mm512_load_si512(qx->off128 + b * 8), q8_pair)
+DEFINE_IDOT4(q4, q4_BB, q4_QO, 1, qx->qp, _mm512_load_si512(qx->offp + b * 8), nibble_pair)
+DEFINE_IDOT4(q41, q41_BB, q41_QO, 1, qx->qp, _mm512_setzero_si512(), nibble_pair)
+DEFINE_IDOT4(q8, q8_BB, q8_QO, 0, qx->q, _mm512_load_si512(qx->off128 + b * 8), q8_pair)
 #elif defined(DPBUSD) && defined(__F16C__)
 /* AVX2 (no VNNI): a pair of blocks of one row per step, four rows sharing the activation's
  * loads and one conversion of their eight fp16 scales.  A 4-bit pair unpacks to [b0 lo | b1 lo]

@@ -62,9 +62,9 @@
         default: idot4_##F(rows, qxs, d, pf, o);                                                  \
         }                                                                                         \
     }
-DEFINE_IDOT4T(q4, 18, 2, 1, qx->qp, _mm512_load_si512(qx->offp + b * 8), nibble_pair)
-DEFINE_IDOT4T(q41, 20, 4, 1, qx->qp, _mm512_setzero_si512(), nibble_pair)
-DEFINE_IDOT4T(q8, 34, 2, 0, qx->q, _mm512_load_si512(qx->off128 + b * 8), q8_pair)
+DEFINE_IDOT4T(q4, q4_BB, q4_QO, 1, qx->qp, _mm512_load_si512(qx->offp + b * 8), nibble_pair)
+DEFINE_IDOT4T(q41, q41_BB, q41_QO, 1, qx->qp, _mm512_setzero_si512(), nibble_pair)
+DEFINE_IDOT4T(q8, q8_BB, q8_QO, 0, qx->q, _mm512_load_si512(qx->off128 + b * 8), q8_pair)
 #else
 /* other targets: the one-token four-row dot per token (AVX2 shares less across tokens: its
  * unpacking is fused with the activation's multiply) */

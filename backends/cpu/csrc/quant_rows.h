@@ -33,9 +33,16 @@ static inline float f16_to_f32(uint16_t h) {
 }
 
 #define QK 32
-#define ROWB_q8(d) ((int64_t)(d) / QK * 34)
-#define ROWB_q4(d) ((int64_t)(d) / QK * 18)
-#define ROWB_q41(d) ((int64_t)(d) / QK * 20)   /* q4_1: fp16 scale, fp16 min, 16 bytes of nibbles */
+/* block bytes and where a block's quants start (after the fp16 scale, and q4_1's fp16 min) */
+#define q8_BB 34
+#define q8_QO 2
+#define q4_BB 18
+#define q4_QO 2
+#define q41_BB 20
+#define q41_QO 4
+#define ROWB_q8(d) ((int64_t)(d) / QK * q8_BB)
+#define ROWB_q4(d) ((int64_t)(d) / QK * q4_BB)
+#define ROWB_q41(d) ((int64_t)(d) / QK * q41_BB)   /* q4_1: fp16 scale, fp16 min, 16 bytes of nibbles */
 
 #include "quant_dots.h"
 #include "quant_gemm.h"
@@ -43,22 +50,13 @@ static inline float f16_to_f32(uint16_t h) {
 #define QROW(F, w, i, d) ((w) + (int64_t)(i) * ROWB_##F(d))
 
 #include "quant_gemm_tiles.h"
-/* the tiled prompt GEMM's view of each format: block bytes, offset of the quants, 4-bit */
-#define q4_TILES 1
-#define q4_TILE_MIN TILE_MIN_TOKENS
+/* the tiled prompt GEMM's view of each format: 4-bit or not, the fewest tokens it pays from */
 #define q4_NIB 1
-#define q4_BB 18
-#define q4_QO 2
-#define q41_TILES 1
-#define q41_TILE_MIN TILE_MIN_TOKENS
+#define q4_TILE_MIN TILE_MIN_TOKENS
 #define q41_NIB 1
-#define q41_BB 20
-#define q41_QO 4
-#define q8_TILES 1
-#define q8_TILE_MIN (4 * TILE_MIN_TOKENS)   /* twice the bytes to repack: 218 vs 141 us a token at 8, 137 vs 128 at 16, 80 vs 124 at 64 */
+#define q41_TILE_MIN TILE_MIN_TOKENS
 #define q8_NIB 0
-#define q8_BB 34
-#define q8_QO 2
+#define q8_TILE_MIN (4 * TILE_MIN_TOKENS)   /* twice the bytes to repack: 218 vs 141 us a token at 8, 137 vs 128 at 16, 80 vs 124 at 64 */
 
 #include "quant_axpy.h"
 
@@ -124,7 +122,7 @@ static inline float f16_to_f32(uint16_t h) {
 #define GEMM_TILE_BYTES (128 * 1024)
 #if defined(HAVE_GEMM_TILES)   /* whole 16-row tiles of a prompt first (quant_gemm_tiles.h) */
 #define GEMM_TILES(F)                                                                             \
-    if (F##_TILES && prompt && T >= F##_TILE_MIN)                                              \
+    if (prompt && T >= F##_TILE_MIN)                                                             \
         lo = gemm_tiles(w, ROWB_##F(d), F##_BB, F##_QO, F##_NIB, F##_HAS_MIN, qx, d, T, lo, hi, bias, n, out)
 #else
 #define GEMM_TILES(F) (void)0
