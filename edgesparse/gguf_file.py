@@ -13,7 +13,6 @@ q and k rows are put back in Hugging Face order (llama.cpp's converter permutes 
 RoPE), so the decoder and the RoPE tables are the same as for a safetensors checkpoint."""
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,8 @@ import torch
 
 from edgesparse.backends.formats import QuantRows, TransposedRows, quantizable, quantize_rows, requantised_format
 from .errors import ModelFilesError
+from .models.spec import expected_shapes
+from .gguf_header import GGUFFormatError, parse_header
 
 ADOPTED = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -43,84 +44,63 @@ class _Tensor:
 
 
 class _Reader:
-    """The tensor table of a GGUF file, its data memory-mapped.  gguf.GGUFReader also parses
-    every metadata value into numpy views (~4 s for a 49k-token vocabulary); the loader needs
-    only the tensors (config and tokenizer come from transformers, cached), so the metadata
-    is skipped over here."""
+    """The tensor table of a GGUF file, from its strictly parsed header (``gguf_header``).
+    gguf.GGUFReader would also parse every metadata value into numpy views (~4 s for a
+    49k-token vocabulary); the loader needs only the tensors (config and tokenizer come from
+    transformers, cached)."""
 
     def __init__(self, path: Path):
-        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-        raw = np.memmap(path, dtype=np.uint8, mode="r")   # the header only: see _Tensor
-        buf = memoryview(raw)
-        pos = 0
-
-        def take(fmt):
-            nonlocal pos
-            vals = struct.unpack_from("<" + fmt, buf, pos)
-            pos += struct.calcsize("<" + fmt)
-            return vals if len(vals) > 1 else vals[0]
-
-        def string():
-            nonlocal pos
-            n = take("Q")
-            pos += n
-            return bytes(buf[pos - n:pos]).decode("utf-8", "replace")
-
-        scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-        def skip_value(vtype):
-            nonlocal pos
-            if vtype == 8:
-                string()
-            elif vtype == 9:
-                etype, n = take("I"), take("Q")
-                if etype == 8:
-                    for _ in range(n):
-                        length = take("Q")   # (not `pos += take(...)`: take moves pos itself)
-                        pos += length
-                else:
-                    pos += n * struct.calcsize(scalar[etype])
-            else:
-                pos += struct.calcsize(scalar[vtype])
-
-        if bytes(buf[:4]) != b"GGUF":
-            raise ValueError("not a GGUF file (bad magic)")
-        pos = 4
-        _, n_tensors, n_kv = take("I"), take("Q"), take("Q")   # version, tensor count, metadata count
-        alignment = 32
-        for _ in range(n_kv):
-            key, vtype = string(), take("I")
-            if key == "general.alignment":
-                alignment = take("I")
-            else:
-                skip_value(vtype)
-        infos = []
-        for _ in range(n_tensors):
-            name, n_dims = string(), take("I")
-            dims = [take("Q") for _ in range(n_dims)]
-            infos.append((name, dims, GGMLQuantizationType(take("I")), take("Q")))
-        start = -(-pos // alignment) * alignment
-        self.tensors = []
-        for name, dims, qtype, offset in infos:
-            block, size = GGML_QUANT_SIZES[qtype]
-            cols, rows = dims[0], int(np.prod(dims[1:])) if len(dims) > 1 else 1
-            nbytes = rows * cols // block * size
-            lo = start + offset
-            if lo + nbytes > len(raw):
-                raise ValueError(f"tensor {name} runs past the end of the file (truncated?)")
-            self.tensors.append(_Tensor(path, name, qtype, dims, lo, nbytes, rows))
-        buf.release()
+        from gguf import GGMLQuantizationType
+        self.header = parse_header(path)
+        self.tensors = [_Tensor(path, t.name, GGMLQuantizationType(t.type_id), list(t.dims), t.offset,
+                                t.nbytes, t.rows) for t in self.header.tensors]
 
 
 def open_gguf(path: Path):
+    """The file's tensor table; a malformed file is a ModelFilesError (one line)."""
     try:
         import gguf  # noqa: F401
     except ImportError as e:
-        raise ModelFilesError("reading GGUF needs the 'gguf' extra: pip install edgesparse[gguf]") from e
+        raise ModelFilesError("reading GGUF needs the 'gguf' package: pip install gguf") from e
     try:
         return _Reader(path)
-    except (ValueError, OSError, IndexError, KeyError, struct.error) as e:   # truncated or not a GGUF file
-        raise ModelFilesError(f"cannot read GGUF {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    except GGUFFormatError as e:
+        raise ModelFilesError(f"cannot read GGUF {path}: {e}") from None
+    except OSError as e:
+        raise ModelFilesError(f"cannot read GGUF {path}: {e.strerror or e}") from None
+
+
+def check_tensors(reader, family, spec) -> None:
+    """Every tensor the model reads is present with the dims its config implies and a type
+    the reader can de-quantise, before any of it is read: a file whose tensor table disagrees
+    with its own metadata (a crafted or mislabelled file) is refused with one line naming the
+    tensor, what was expected and what was found."""
+    from gguf.quants import dequantize  # noqa: F401  (the types it knows are checked below)
+    want = {n: (tuple(reversed(shape)), req) for n, (shape, req) in expected_shapes(family.gguf_tensors, spec).items()}
+    have = {t.name: t for t in reader.tensors}
+    for t in reader.tensors:   # a tensor of a layer the config does not have: a file at odds with itself
+        parts = t.name.split(".")
+        if len(parts) > 2 and parts[0] == "blk" and (not parts[1].isdigit() or int(parts[1]) >= spec.n_layers):
+            raise ModelFilesError(f"GGUF tensor {t.name} is for a layer the config does not have "
+                                  f"({spec.n_layers} layers)")
+    for name, (dims, required) in want.items():
+        t = have.get(name)
+        if t is None:
+            if required:
+                raise ModelFilesError(f"GGUF tensor {name} is missing (the config implies {list(dims)})")
+            continue
+        if tuple(t.shape) != dims:
+            raise ModelFilesError(f"GGUF tensor {name} has dims {list(t.shape)}; the config implies {list(dims)}")
+        typ = t.tensor_type.name
+        if len(dims) == 1 and typ not in FLOAT_TYPES:
+            raise ModelFilesError(f"GGUF tensor {name} is a vector of type {typ}; expected F32, F16 or BF16")
+        if typ not in FLOAT_TYPES and typ not in READABLE:
+            raise ModelFilesError(f"GGUF tensor {name} has type {typ}, which edgesparse cannot read "
+                                  f"(it reads {', '.join(FLOAT_TYPES + READABLE)})")
+
+
+# de-quantised by gguf.quants (the K-quants, Q5_*, Q8_0 ...); Q4_0/Q4_1/Q8_0 are also kept as blocks
+READABLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K")
 
 
 def default_format(reader) -> str | None:

@@ -12,10 +12,10 @@ import torch
 
 from edgesparse.backends import get_executor
 from edgesparse.backends.interface import Executor
-from .errors import InvalidOptionError, ModelFilesError, UnsupportedModelError
+from .errors import EdgeSparseError, InvalidOptionError, ModelFilesError, UnsupportedModelError
 from .models.decoder import DecoderModel
 from .models.families import Family, family_of, family_of_config
-from .models.spec import spec_from_config, ModelSpec
+from .models.spec import expected_shapes, spec_from_config, ModelSpec
 from .models.weights import Attention, Layer, gated_mlp
 from edgesparse.backends.formats import BLOCK_FORMATS, FLOAT_FORMATS, WEIGHT_FORMATS, QuantRows, cat_rows
 from .embedded import TINY
@@ -60,40 +60,47 @@ def checkpoint_dtype(config, p: Path, ex: Executor) -> torch.dtype:
     return dtype
 
 
-def load_config(p: Path):
+def load_config(p: Path, reader=None):
+    """``reader``: the GGUF file's already opened tensor table (``gguf_file.open_gguf``)."""
     try:
         if p.is_dir():
             from transformers import AutoConfig
             raw = json.loads((p / "config.json").read_text())
             family_of(raw.get("architectures"), raw.get("model_type"))   # refuse before transformers parses it
             return AutoConfig.from_pretrained(p)
-        return _from_gguf(p, "config")
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-        if isinstance(e, UnsupportedModelError):
+        return _from_gguf(p, "config", reader)
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        if isinstance(e, EdgeSparseError):
             raise
-        raise ModelFilesError(f"cannot read the config of {p}: {str(e).splitlines()[0]}") from e
+        raise ModelFilesError(f"cannot read the config of {p}: {(str(e).splitlines() or [type(e).__name__])[0]}") from e
 
 
-def load_tokenizer(p: Path):
+def load_tokenizer(p: Path, reader=None):
     from transformers import AutoTokenizer
     try:
         if p.is_dir():
             return AutoTokenizer.from_pretrained(p)
-        return _from_gguf(p, "tokenizer")
+        return _from_gguf(p, "tokenizer", reader)
     except (OSError, ValueError) as e:
-        raise ModelFilesError(f"cannot load the tokenizer of {p}: {str(e).splitlines()[0]}") from e
+        if isinstance(e, EdgeSparseError):
+            raise
+        raise ModelFilesError(f"cannot load the tokenizer of {p}: {(str(e).splitlines() or [type(e).__name__])[0]}") from e
 
 
-def _from_gguf(p: Path, kind: str):
+def _from_gguf(p: Path, kind: str, reader=None):
     """transformers' config or tokenizer of a GGUF file, derived once and then read from the
-    cache (deriving them parses the whole file in Python: ~4 s each for SmolLM2's 98 MB)."""
-    import hashlib
+    cache (deriving them parses the whole file in Python: ~4 s each for SmolLM2's 98 MB).  The
+    cache is keyed on content: the metadata section's bytes and the tensor names (what the
+    derivation reads), never on the path or the file's time stamps, so an edited file is
+    never served another file's config.  The header is parsed strictly first
+    (``gguf_header``): transformers' own parser only ever sees a well-formed file."""
     import shutil
     import tempfile
     from .cache import cache_dir
-    st = p.stat()
-    key = hashlib.sha256(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = cache_dir() / "gguf" / f"{p.stem}-{key}" / kind
+    from .gguf_file import open_gguf
+    header = (reader or open_gguf(p)).header
+    key = f"{header.metadata_sha256[:16]}-{header.names_sha256[:8]}"
+    cached = cache_dir() / "gguf" / key / kind
     if kind == "config" and (cached / FULL_CONFIG).exists():
         return _light_config(cached / FULL_CONFIG)
     # imported only here: each pulls in its part of transformers (the config's, ~1 s)
@@ -111,7 +118,11 @@ def _from_gguf(p: Path, kind: str):
             except OSError:
                 pass
         return obj
-    obj = auto.from_pretrained(p.parent, gguf_file=p.name)
+    try:
+        obj = auto.from_pretrained(p.parent, gguf_file=p.name)
+    except Exception as e:   # noqa: BLE001  transformers' parser over an untrusted file: any failure is the file's
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ModelFilesError(f"cannot derive the {kind} of GGUF {p}: {type(e).__name__}: {first}") from None
     tmp = None
     try:   # atomic: a concurrent loader sees the whole dir or none
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -157,6 +168,21 @@ def load_state_dict(p: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def check_state_dict(sd: dict, family: Family, spec: ModelSpec) -> None:
+    """Every weight the decoder reads is present, floating point, with the shape its config
+    implies (HF order: ``[out, in]``), before any of it is used."""
+    for name, (shape, required) in expected_shapes(family.tensors, spec).items():
+        t = sd.get(name)
+        if t is None:
+            if required:
+                raise ModelFilesError(f"weight {name} missing from the checkpoint (the config implies {list(shape)})")
+            continue
+        if tuple(t.shape) != shape:
+            raise ModelFilesError(f"weight {name} has shape {list(t.shape)}; the config implies {list(shape)}")
+        if not t.is_floating_point():
+            raise ModelFilesError(f"weight {name} has dtype {t.dtype}; expected a floating-point type")
+
+
 def rope_tables(config, spec: ModelSpec, dtype):
     """cos/sin for every position, computed as transformers' rotary embeddings do: the default
     inverse frequencies, or transformers' own initialiser for a scaled ``rope_type`` (linear,
@@ -171,6 +197,9 @@ def rope_tables(config, spec: ModelSpec, dtype):
         scale = 1.0
     else:
         inv_freq, scale = ROPE_INIT_FUNCTIONS[kind](config, "cpu")
+    if not torch.isfinite(inv_freq).all() or not (inv_freq > 0).all():
+        raise UnsupportedModelError(f"config RoPE parameters give non-finite frequencies ({kind}, theta "
+                                    f"{params.get('rope_theta', getattr(config, 'rope_theta', None))!r})")
     freqs = torch.arange(spec.max_positions).float()[:, None] * inv_freq.float()[None]
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
@@ -237,19 +266,25 @@ def load_model(path, backend: str = "auto", dtype=None, weights: str | None = No
         dtype = dtype or DTYPES[weights]
     p = resolve_model_path(path)
     ex = get_executor(backend)
-    config = load_config(p)
+    reader = None
+    if p.suffix == ".gguf":   # the file's structure, strictly, before transformers parses its metadata
+        from .gguf_file import open_gguf
+        reader = open_gguf(p)
+    config = load_config(p, reader)
     dtype = dtype or checkpoint_dtype(config, p, ex)
     family = family_of_config(config)
     spec = spec_from_config(config, family)   # refuse an unsupported config before reading weights
-    tok = load_tokenizer(p)
     if p.suffix == ".gguf":
-        from .gguf_file import default_format, open_gguf, read_weights
-        reader = open_gguf(p)
+        from .gguf_file import check_tensors, default_format, read_weights
+        check_tensors(reader, family, spec)   # every tensor against the config, before any is read
+        tok = load_tokenizer(p, reader)
         fmt = default_format(reader) if weights is None else (None if weights in FLOAT_FORMATS else weights)
         sd = read_weights(reader, family, spec, fmt, HEAD_FORMAT.get(fmt), dtype)
     else:
+        tok = load_tokenizer(p)
         fmt = weights if weights in BLOCK_FORMATS else None
         sd = load_state_dict(p)
+        check_state_dict(sd, family, spec)
     ex.weight_format = fmt
     model = build_model(config, sd, ex, dtype, family)
     if fmt is not None and p.suffix != ".gguf":   # blocks made from float: keep a way back to them

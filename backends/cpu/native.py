@@ -60,13 +60,19 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     if cc is None:
         return None, "no C compiler found (torch ops in use)"
     src = b"".join(p.read_bytes() for p in sorted(CSRC.glob("*.[ch]")))   # any edit rebuilds
-    key = hashlib.sha256(src + platform.machine().encode() + platform.node().encode()).hexdigest()[:16]
-    out = cache_dir() / f"sparse_rows-{key}.so"
+    # EDGESPARSE_NATIVE_SANITIZE=1 (the fuzz suite, tests/fuzz): built with AddressSanitizer and
+    # UBSan, so a read past a buffer fails even where it would not crash; the process must have
+    # libasan preloaded (LD_PRELOAD), which tests/fuzz/run.py arranges.
+    sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer",
+                "-g"] if os.environ.get("EDGESPARSE_NATIVE_SANITIZE") == "1" else []
+    key = hashlib.sha256(src + platform.machine().encode() + platform.node().encode()
+                         + " ".join(sanitize).encode()).hexdigest()[:16]
+    out = cache_dir() / f"sparse_rows-{key}{'-asan' if sanitize else ''}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             tmp_so = Path(tmp) / out.name
-            cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", f"-I{CSRC}",
+            cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", *sanitize, f"-I{CSRC}",
                    *map(str, SOURCES), "-o", str(tmp_so), "-lm"]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:

@@ -55,4 +55,49 @@ def spec_from_config(config, family: Family | None = None) -> ModelSpec:
         eps=config.rms_norm_eps, act=act, tied=bool(getattr(config, "tie_word_embeddings", False)),
         qkv_bias=bias, o_bias=bias, sliding_window=None, max_positions=config.max_position_embeddings)
     fields.update(family.rules(config))
+    _check_sizes(fields)
     return ModelSpec(**fields)
+
+
+# Upper bounds on a config's sizes, far above any published model: a crafted config must not
+# make the loader allocate RoPE tables or caches of terabytes before a weight is read.
+LIMITS = dict(vocab_size=1 << 22, hidden=1 << 16, intermediate=1 << 20, n_layers=1024, n_heads=1024,
+              n_kv_heads=1024, head_dim=1024, max_positions=1 << 20)
+
+
+def _check_sizes(f: dict) -> None:
+    for key, hi in LIMITS.items():
+        v = f[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+            raise UnsupportedModelError(f"config {key} = {v!r}: expected an integer from 1 to {hi}")
+    if f["n_heads"] % f["n_kv_heads"]:
+        raise UnsupportedModelError(f"config has {f['n_heads']} attention heads, not a multiple of its "
+                                    f"{f['n_kv_heads']} key/value heads")
+    if f["head_dim"] % 2:
+        raise UnsupportedModelError(f"config head_dim = {f['head_dim']}: RoPE needs an even head size")
+    eps = f["eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise UnsupportedModelError(f"config rms_norm_eps = {eps!r}: expected a number between 0 and 1")
+    sw = f.get("sliding_window")
+    if sw is not None and (isinstance(sw, bool) or not isinstance(sw, int) or sw < 1):
+        raise UnsupportedModelError(f"config sliding_window = {sw!r}: expected a positive integer")
+
+
+def expected_shapes(names, spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Checkpoint name (``names``: a family's ``TensorNames``, HF or GGUF) -> (shape in HF
+    order ``[out, in]``, required) for every tensor the decoder reads.  The loaders hold a
+    checkpoint to it before any weight is used."""
+    d, nq, nkv = spec.hidden, spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+    out = {names.embed: ((spec.vocab_size, d), True), names.norm: ((d,), True),
+           names.lm_head: ((spec.vocab_size, d), False)}   # absent: tied to the embedding
+    per_layer = {"attn_norm": (d,), "q": (nq, d), "k": (nkv, d), "v": (nkv, d), "o": (d, nq),
+                 "mlp_norm": (d,), "gate": (spec.intermediate, d), "up": (spec.intermediate, d),
+                 "down": (d, spec.intermediate)}
+    biases = {"q": spec.qkv_bias, "k": spec.qkv_bias, "v": spec.qkv_bias, "o": spec.o_bias}
+    for i in range(spec.n_layers):
+        for field, shape in per_layer.items():
+            name = getattr(names, field).format(i=i)
+            out[name] = (shape, True)
+            if biases.get(field):
+                out[name.replace("weight", "bias")] = ((shape[0],), True)
+    return out

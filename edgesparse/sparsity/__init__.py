@@ -8,9 +8,10 @@ def attach_artifacts(model, path, with_topk: bool = True):
     """Load artifacts, check them against ``model``, and install them: predictors always, Top-K
     projections only with ``with_topk`` (``apply_topk`` installs them later)."""
     from . import svd_predictor
-    from .artifacts import check_fingerprint, load_artifacts
+    from .artifacts import check_artifacts, check_fingerprint, load_artifacts
     arts = load_artifacts(path)
     check_fingerprint(arts, model, path)
+    check_artifacts(arts, model.spec, path)   # every shape and value, before any reaches an executor
     svd_predictor.apply(model, arts.tensors, arts.manifest.get("layers"))
     if with_topk:
         apply_topk(model, arts, path)
