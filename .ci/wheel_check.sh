@@ -27,4 +27,12 @@ assert llm.generate("The history of the city", max_new_tokens=4).token_ids
 assert calls, "wheel check: the native decoder layers did not run"
 print(f"wheel check: q4_0 decode, {len(calls)} layers through the native step")
 PY
+# GGUF after the README's first command alone (core dependencies only): a bare question to the
+# SmolLM2 instruct GGUF is answered through its chat template.
+if [ -f "$root/models/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+    ans=$("$root/.venv-wheel/bin/edgesparse" generate "$root/models/SmolLM2-135M-Instruct.Q4_1.gguf" \
+          --prompt "What is the capital of France?" --max-new-tokens 16 --json)
+    echo "$ans"
+    "$root/.venv-wheel/bin/python" -c "import json,sys; r=json.loads(sys.argv[1]); sys.exit(0 if r['text'].strip() and r['chat_template'] else 'wheel check: no answer from the GGUF')" "$ans"
+fi
 echo "wheel check: ok"

@@ -1,5 +1,5 @@
 """The server under abuse, measured: the hang-up storm that used to wedge it, 64 concurrent
-streams, and SIGTERM with streams open. Prints JSON.
+streams, a 1.9 MB prompt, and SIGTERM with streams open. Prints JSON.
 
     python bench/server_probe.py [--model tiny] [--rounds 5]
 """
@@ -54,6 +54,28 @@ def storm_then_request(port):
     return r.status_code, time.perf_counter() - t0
 
 
+def big_prompt(port, pid):
+    """A 1.9 MB prompt: its status, the slowest /health answered while it is handled, and the
+    server's RSS growth (the unit test holds the order of events, this measures the time)."""
+    def rss_mb():
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) / 1024
+    rss0, result = rss_mb(), {}
+    with cf.ThreadPoolExecutor(1) as pool:
+        job = pool.submit(lambda: httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                                             json={"prompt": "word " * 380_000, "max_tokens": 4}))
+        worst = 0.0
+        while not job.done():
+            t0 = time.perf_counter()
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=30)
+            worst = max(worst, time.perf_counter() - t0)
+            time.sleep(0.05)
+        r = job.result()
+    result.update(status=r.status_code, code=r.json()["error"]["code"] if r.status_code != 200 else None,
+                  health_worst_s=round(worst, 3), rss_growth_mb=round(rss_mb() - rss0, 1))
+    return result
+
+
 def one_stream(port, i):
     body = {"messages": [{"role": "user", "content": f"Edge device {i}"}], "max_tokens": 16, "stream": True,
             "temperature": 0}
@@ -75,6 +97,7 @@ def main():
     proc = start(a.model, a.port)
     try:
         storms = [storm_then_request(a.port) for _ in range(a.rounds)]
+        big = big_prompt(a.port, proc.pid)
         t0 = time.perf_counter()
         with cf.ThreadPoolExecutor(64) as pool:
             streams = list(pool.map(lambda i: one_stream(a.port, i), range(64)))
@@ -101,7 +124,7 @@ def main():
         "streams_64": {"wall_s": round(wall, 2), "first_to_last_median_s": round(statistics.median(spans), 3),
                        "first_to_last_max_s": round(spans[-1], 3),
                        "first_chunk_max_s": round(max(f for f, _ in streams), 2)},
-        "health_after": health, "sigterm_exit_s": round(exit_s, 2), "exit_code": proc.returncode}, indent=1))
+        "big_prompt": big, "health_after": health, "sigterm_exit_s": round(exit_s, 2), "exit_code": proc.returncode}, indent=1))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ if not torch.cuda.is_available():
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 from edgesparse.eval.data import find_data_dir  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
 
 DATA = find_data_dir()
 TEXT = ("The quick brown fox jumps over the lazy dog. Sparse activations skip work. "
@@ -80,3 +82,57 @@ def ckpt_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama_relu(ckpt_factory):
     return ckpt_factory("llama", "relu")
+
+
+# -- child servers die with the test run -------------------------------------------------------
+# Each server a test starts gets its own process group (its workers too), and every group still
+# alive is killed when the run ends: at teardown, at exit, and on SIGTERM of pytest itself.
+_CHILDREN: set = set()
+
+
+def spawn(cmd, **kw) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, start_new_session=True, **kw)
+    _CHILDREN.add(proc)
+    return proc
+
+
+def reap(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 30) -> int:
+    """Signal the child (SIGKILL to its whole group if it does not exit) and wait for it."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            proc.wait()
+    _kill_group(proc)   # anything it started
+    _CHILDREN.discard(proc)
+    return proc.returncode
+
+
+def _kill_group(proc) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _kill_children(*_) -> None:
+    for proc in list(_CHILDREN):
+        _kill_group(proc)
+    _CHILDREN.clear()
+
+
+def pytest_configure(config):
+    import atexit
+    atexit.register(_kill_children)
+
+    def on_sigterm(signum, frame):   # the children first, then die of the signal as before
+        _kill_children()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def pytest_unconfigure(config):
+    _kill_children()

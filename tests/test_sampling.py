@@ -85,7 +85,7 @@ def test_generate_uses_the_checkpoint_defaults_unless_flags_say_otherwise(llama_
     shutil.copytree(llama_relu, d)
     _gen_config(d, {"do_sample": True, "temperature": 1.5, "top_k": 50})
     run = lambda *extra: main(["generate", str(d), "--backend", "cpu", "--prompt", "a b", "--max-new-tokens", "8",  # noqa: E731
-                               "--seed", "3", "--json", *extra])
+                               "--seed", "3", "--json", "--raw", *extra])
     outs = {}
     for key, extra in (("config", ()), ("flags", ("--temperature", "1.5", "--top-k", "50")), ("greedy", ("--temperature", "0"))):
         import io, contextlib, json   # noqa: E401

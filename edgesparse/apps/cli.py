@@ -73,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="complete a prompt")
     _add_model_opts(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--prompt", required=True, help="the text to complete, or the question to a chat model")
+    p.add_argument("--raw", action="store_true",
+                   help="complete the prompt as it is, without the checkpoint's chat template")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="most tokens to generate (default 64)")
     _add_sampling_opts(p, "greedy")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ffn-mode", choices=["dense", "exact", "predictor"], default=None)
@@ -147,20 +149,29 @@ def cmd_generate(args):
     kw = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, **{**llm.sampling_defaults, **explicit})
     if args.ffn_mode:
         llm.set_ffn_mode(args.ffn_mode)
+    # A bare question to a chat model goes through its chat template (without it an instruct
+    # model often ends its turn at once); --raw completes the text as it is.
+    templated = not args.raw and bool(getattr(llm.tokenizer, "chat_template", None))
+    prompt = args.prompt
+    if templated:
+        prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}])
+        kw["stop_token_ids"] = llm.chat_stop_ids()
+    echo = "" if templated else args.prompt   # a completion is printed after its prompt, an answer alone
     if args.stream:
-        sys.stdout.write(args.prompt)
-        for piece in llm.stream(args.prompt, **kw):
+        sys.stdout.write(echo)
+        for piece in llm.stream(prompt, **kw):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return
-    out = llm.generate(args.prompt, **kw)
+    llm.model.stats.reset()
+    out = llm.generate(prompt, **kw)
     if args.json:
         print(json.dumps(dict(text=out.text, tokens=len(out.token_ids), finish_reason=out.finish_reason,
                               tokens_per_s=round(out.tokens_per_s, 2), backend=llm.backend,
-                              ffn_mode=llm.model.ffn_mode, **llm.model.stats.summary())))
+                              chat_template=templated, **llm.model.sparsity_in_use())))
     else:
-        print(args.prompt + out.text)
+        print(echo + out.text)
 
 
 def cmd_info(args):
@@ -281,6 +292,8 @@ def _add_more_commands(sub):
                    help="requests decoded at once, continuously batched (default 1: one at a time)")
     p.add_argument("--stall-timeout", type=float, default=60.0,
                    help="seconds without decode progress, with work queued, before /health says degraded")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection may take to send a request's headers before it is closed")
 
 
 def cmd_calibrate(args):
@@ -291,6 +304,10 @@ def cmd_calibrate(args):
                     mlp_sparsity=args.mlp_sparsity, topk_method=args.topk_method, rotation=args.rotation,
                     topk_scaled=args.topk_scaled, int8_predictor=not args.float_predictor,
                     topk_allocation=args.topk_allocation, topk_spread=args.topk_spread)
+    if "defaults" in rep:   # said on stderr so that --json stays one JSON object on stdout
+        d = rep["defaults"]
+        print(f"calibrate: {d['why']}: --attn-sparsity {d['attn_sparsity']} --mlp-sparsity {d['mlp_sparsity']} "
+              "(give them to choose)", file=sys.stderr)
     if args.json:
         print(json.dumps(rep))
         return
@@ -342,7 +359,7 @@ def cmd_serve(args):
     opts = ServeOptions(host=args.host, port=args.port, api_key=key,
                         allowed_hosts=args.allowed_host, cors_origins=args.cors_origin, max_body_mb=args.max_body_mb,
                         max_queue=args.max_queue, stall_timeout_s=args.stall_timeout,
-                        parallel=args.parallel).validate()
+                        header_timeout_s=args.header_timeout, parallel=args.parallel).validate()
     llm = _load(args)
     print(f"edgesparse: serving {llm.name} ({llm.backend}, ffn mode {llm.model.ffn_mode}, {args.parallel} slot(s)) "
           f"at http://{args.host}:{args.port}/v1", flush=True)

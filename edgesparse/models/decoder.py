@@ -85,6 +85,26 @@ class DecoderModel:
             raise InvalidOptionError("attention mode 'topk' needs Top-K artifacts (calibrate --attn-sparsity)")
         self.attn_mode = mode
 
+    def sparsity_in_use(self) -> dict:
+        """What the current modes skip, in every mode: ReGLU FFN and gate rows skipped over the
+        tokens counted since ``stats.reset()`` (None where no ReGLU FFN runs sparse), and the
+        share of each Top-K site's input kept per token (mean over layers; absent when dense)."""
+        counted = self.ffn_mode in ("exact", "predictor")
+        out = dict(ffn_mode=self.ffn_mode, attn_mode=self.attn_mode,
+                   **{k: (v if counted else (0.0 if self.ffn_mode == "dense" else None))
+                      for k, v in self.stats.summary().items()})
+        kept: dict[str, list[float]] = {}
+        for layer in self.layers:
+            sites = []
+            if self.attn_mode == "topk" and isinstance(layer.attn, TopKAttention):
+                sites += [("qkv", layer.attn.qkv), ("o", layer.attn.o)]
+            if self.ffn_mode == "topk" and isinstance(layer.mlp, TopKMLP):
+                sites += [("gate_up", layer.mlp.gate_up), ("down", layer.mlp.down)]
+            for name, w in sites:
+                kept.setdefault(name, []).append(w.k / w.weight_t.shape[0])
+        out["topk_kept"] = {k: round(sum(v) / len(v), 4) for k, v in kept.items()}
+        return out
+
     @contextmanager
     def modes(self, ffn: str | None = None, attn: str | None = None):
         """Run a block with other FFN / attention modes (validated), then restore the old ones."""

@@ -10,6 +10,8 @@ import time
 
 import httpx
 
+from conftest import reap, spawn
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -23,7 +25,7 @@ class Server:
         self.base = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "edgesparse", "serve", model, "--port", str(self.port), *args]
         env = dict(os.environ, EDGESPARSE_QUIET="1")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.proc = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         for _ in range(600):
             try:
@@ -66,14 +68,7 @@ class Server:
             return out
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 10) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return reap(self.proc, sig, timeout)
 
 
 def http_request(path: str, body: bytes, host: str = "127.0.0.1", ctype: str = "application/json",

@@ -15,8 +15,21 @@ def test_generate_json_and_stream(capsys, llama_relu):
     assert main(["generate", str(llama_relu), "--prompt", "The quick", "--max-new-tokens", "6", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["ffn_mode"] == "exact" and out["tokens"] >= 1
-    assert main(["generate", str(llama_relu), "--prompt", "The quick", "--max-new-tokens", "6", "--stream"]) == 0
-    assert capsys.readouterr().out.startswith("The quick")
+    # the checkpoint has a chat template: a bare prompt goes through it, and --json says so
+    assert out["chat_template"] is True and out["attn_mode"] == "dense" and out["topk_kept"] == {}
+    assert 0 <= out["ffn_sparsity"] <= 1 and 0 <= out["gate_sparsity"] <= 1
+    assert main(["generate", str(llama_relu), "--prompt", "The quick", "--max-new-tokens", "6", "--stream",
+                 "--raw"]) == 0
+    assert capsys.readouterr().out.startswith("The quick")   # a raw completion follows its prompt
+    assert main(["generate", str(llama_relu), "--prompt", "The quick", "--max-new-tokens", "6", "--json",
+                 "--raw"]) == 0
+    raw = json.loads(capsys.readouterr().out)
+    assert raw["chat_template"] is False
+    import edgesparse
+    llm = edgesparse.load(llama_relu)
+    want = llm.generate(llm.chat_prompt([{"role": "user", "content": "The quick"}]), max_new_tokens=6,
+                        stop_token_ids=llm.chat_stop_ids())
+    assert out["text"] == want.text
 
 
 def test_calibrate_and_eval_ppl_cli(capsys, llama_relu, tmp_path):

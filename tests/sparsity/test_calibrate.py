@@ -138,9 +138,19 @@ def test_empty_or_missing_data(llama_relu, tmp_path):
         calibrate(llama_relu, tmp_path / "x", data=[tmp_path / "missing.txt"], backend="cpu")
 
 
-def test_swiglu_model_has_no_ffn_predictors(ckpt_factory, textfile, tmp_path):
-    with pytest.raises(edgesparse.InvalidOptionError, match="ReGLU"):
-        calibrate(ckpt_factory("llama", "silu"), tmp_path / "x", data=[textfile], backend="cpu")
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_swiglu_model_with_no_flags_gets_the_default_topk(ckpt_factory, textfile, tmp_path, family):
+    """No predictors for a SwiGLU FFN: calibrate with no flags builds rotated Top-K at the
+    documented default level and says so in its report."""
+    from edgesparse.sparsity.calibrate import DEFAULT_SWIGLU_TOPK
+    ck = ckpt_factory(family, "silu")
+    rep = calibrate(ck, tmp_path / "x", data=[textfile], backend="cpu", tokens=1024, window=128)
+    assert rep["defaults"]["attn_sparsity"] == rep["defaults"]["mlp_sparsity"] == DEFAULT_SWIGLU_TOPK
+    assert rep["topk"]["method"] == "rotated" and not rep["layers"]
+    llm = edgesparse.load(ck, backend="cpu", artifacts=tmp_path / "x")
+    assert llm.model.ffn_mode == "topk" and llm.model.attn_mode == "topk"
+    kept = llm.model.sparsity_in_use()["topk_kept"]
+    assert set(kept) == {"qkv", "o", "gate_up", "down"} and all(0 < v < 1 for v in kept.values())
 
 
 @pytest.mark.parametrize("over", [dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2),

@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("vllm.version")
 
 import edgesparse  # noqa: E402
+from conftest import reap, spawn  # noqa: E402
 from edgesparse.embedded import TINY  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -145,7 +146,7 @@ def test_vllm_serve_answers_openai_client(tmp_path):
            "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
            "--kv-cache-memory-bytes", str(64 << 20), "--served-model-name", "tiny", "--hf-overrides", overrides]
     log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = spawn(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
         deadline = time.time() + 300
         while True:
@@ -164,11 +165,7 @@ def test_vllm_serve_answers_openai_client(tmp_path):
         assert r.choices[0].text == want.text
         assert r.usage.completion_tokens == len(want.token_ids)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        reap(proc, timeout=60)
         log.close()
     text = (tmp_path / "serve.log").read_text()
     assert "ffn mode predictor" in text   # the plugin's model served, sparse

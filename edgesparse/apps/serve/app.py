@@ -35,8 +35,25 @@ class PromptPrep:
         self.llm = llm
         self.tok = copy.deepcopy(llm.tokenizer)   # HF fast tokenizers are not safe to share
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="edgesparse-prep")
+        self.ctx = llm.model.spec.max_positions
+        # No token stands for more text than its longest piece (with special tokens) spells; x4 for
+        # normalisers that shrink text (NFKC's ligatures).  A prompt longer than that times the
+        # context is refused before it is tokenised: tokenising 2 MB of text would cost ~150 MB
+        # of memory that the allocator keeps.
+        pieces = list(self.tok.get_vocab()) + list(getattr(self.tok, "all_special_tokens", ()))
+        self.max_prompt_bytes = 4 * max(len(p.encode("utf-8", "replace")) for p in pieces) * self.ctx
+
+    def _check_length(self, req: Parsed) -> None:
+        if req.chat:
+            n = sum(len(json.dumps(m, ensure_ascii=False).encode()) for m in req.messages)
+        else:
+            n = len(req.prompt.encode("utf-8", "replace")) if isinstance(req.prompt, str) else 0
+        if n > self.max_prompt_bytes:
+            raise RequestError(f"prompt of {n} bytes cannot fit the model's context of {self.ctx} tokens "
+                               f"(refused before tokenising)", req.prompt_field, code="context_length_exceeded")
 
     def _ids(self, req: Parsed) -> list[int]:
+        self._check_length(req)
         prompt = req.prompt
         if req.chat:
             try:
@@ -238,6 +255,8 @@ def serve(llm, opts: ServeOptions | None = None, log_level: str = "warning") -> 
                 loop.call_soon_threadsafe(inner.state.worker.shutdown)
             super().handle_exit(sig, frame)
 
+    from .guard import header_deadline_protocol
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=log_level,
-                            timeout_graceful_shutdown=opts.shutdown_grace_s, lifespan="on")
+                            timeout_graceful_shutdown=opts.shutdown_grace_s, lifespan="on",
+                            http=header_deadline_protocol(opts.header_timeout_s))
     Server(config).run()

@@ -129,3 +129,45 @@ def _with_cors(send, origin: str):
                                      (b"vary", b"Origin")])
         await send(msg)
     return wrapped
+
+
+def header_deadline_protocol(seconds: float):
+    """uvicorn's h11 protocol with a deadline on request headers: a connection that has not
+    sent a whole request head ``seconds`` after it opened (or after the first byte of its next
+    request, on a kept-alive connection) is closed.  uvicorn itself times out idle kept-alive
+    connections and nothing else, so 50 slow-loris clients could otherwise hold 50 sockets
+    open for as long as they trickle a byte now and then."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        _deadline = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self):
+            if self._deadline is None:
+                self._deadline = self.loop.call_later(seconds, self._expired)
+
+        def _expired(self):
+            self._deadline = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()   # still no whole request head
+
+        def data_received(self, data: bytes) -> None:
+            if self.conn.their_state is h11.IDLE:
+                self._arm()
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE and self._deadline is not None:
+                self._deadline.cancel()   # the head is in: the body has its own timeout
+                self._deadline = None
+
+        def connection_lost(self, exc):
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+            super().connection_lost(exc)
+
+    return HeaderDeadline

@@ -20,6 +20,7 @@ class ServeOptions:
     max_queue: int = 128                   # queued + running jobs above this get 503
     stall_timeout_s: float = 60.0          # /health says "degraded" after this long without progress
     body_timeout_s: float = 30.0           # a body that trickles in slower than this gets 408
+    header_timeout_s: float = 10.0         # a connection whose request headers take longer is closed
     shutdown_grace_s: int = 5              # SIGTERM: streams get their final event, then we exit
     parallel: int = 1                      # requests decoded at once (continuous batching above 1)
 
@@ -32,7 +33,7 @@ class ServeOptions:
             raise InvalidOptionError(f"max queue must be >= 1, got {self.max_queue}")
         if not isinstance(self.parallel, int) or not 1 <= self.parallel <= 64:
             raise InvalidOptionError(f"parallel slots must be in 1..64, got {self.parallel}")
-        if not self.stall_timeout_s > 0 or not self.body_timeout_s > 0:
+        if not self.stall_timeout_s > 0 or not self.body_timeout_s > 0 or not self.header_timeout_s > 0:
             raise InvalidOptionError("timeouts must be positive")
         if self.api_key is not None and (not self.api_key or any(c.isspace() for c in self.api_key)):
             raise InvalidOptionError("the API key must be a non-empty string without spaces")
