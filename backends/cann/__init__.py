@@ -18,7 +18,9 @@ def _probe() -> tuple[bool, str]:
     try:
         import torch_npu  # noqa: F401  (registers the "npu" device with torch)
     except ImportError as e:
-        return False, f"torch_npu not installed ({e.name or e})"
+        missing = e.name or str(e)   # torch_npu itself, or a module it needs
+        return False, ("torch_npu not installed" if missing == "torch_npu"
+                       else f"torch_npu cannot be imported: module {missing} is missing")
     except OSError as e:  # e.g. libhccl.so missing: CANN's set_env.sh was not sourced
         return False, f"CANN toolkit not found ({e}); source Ascend's set_env.sh"
     npu = getattr(torch, "npu", None)

@@ -2,28 +2,12 @@
 (no traceback)."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 from ..errors import EdgeSparseError, InvalidOptionError
 
-DEMO_PROMPT = "The history of the city"
-
-
-def _add_model_opts(p, artifacts=True):
-    from edgesparse.backends import choices
-    from edgesparse.backends.formats import WEIGHT_FORMATS
-    p.add_argument("model", help="HF checkpoint dir, .gguf file, hub id org/name[@revision][:FILE.gguf], "
-                   "or 'tiny' (the embedded model)")
-    p.add_argument("--backend", default="auto", choices=choices())
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                   help="activations and KV cache (default: the checkpoint's own; fp16 runs bf16 on cpu; GGUF: fp32)")
-    p.add_argument("--weights", default=None, choices=WEIGHT_FORMATS,
-                   help="weight matrices' format (default: the checkpoint's own precision; "
-                        "a GGUF file keeps its 8- or 4-bit blocks)")
-    if artifacts:
-        p.add_argument("--artifacts", default=None, help="calibration artifact dir (from `calibrate`)")
+from .cli_parser import DEMO_PROMPT, SAMPLING_OPTS, build_parser  # noqa: F401
 
 
 def _load(args, artifacts=None):
@@ -35,79 +19,12 @@ def _load(args, artifacts=None):
         llm.set_graph_decode(True)
     return llm
 
-
-def _add_graph_opt(p):
-    p.add_argument("--graph", action="store_true",
-                   help="decode by replaying a captured CUDA graph of the whole step (cuda backend)")
-
-
-def _positive_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def _fraction(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}")
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {v}")
-    return v
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="edgesparse", description=__doc__)
-    ap.add_argument("--quiet", action="store_true", help="no progress bars")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-
-    p = sub.add_parser("demo", help="decode a prompt on the embedded model, dense vs sparse")
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--prompt", default=DEMO_PROMPT)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=48)
-
-    p = sub.add_parser("generate", help="complete a prompt")
-    _add_model_opts(p)
-    p.add_argument("--prompt", required=True, help="the text to complete, or the question to a chat model")
-    p.add_argument("--raw", action="store_true",
-                   help="complete the prompt as it is, without the checkpoint's chat template")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="most tokens to generate (default 64)")
-    _add_sampling_opts(p, "greedy")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ffn-mode", choices=["dense", "exact", "predictor"], default=None)
-    p.add_argument("--stream", action="store_true")
-    _add_graph_opt(p)
-    p.add_argument("--json", action="store_true")
-
-    sub.add_parser("info", help="backends, devices, versions").add_argument("--json", action="store_true")
-
-    _add_more_commands(sub)
-    return ap
-
-
-SAMPLING_OPTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
-def _add_sampling_opts(p, fallback: str):
-    for name, kind in (("temperature", float), ("top-p", float), ("top-k", int), ("min-p", float),
-                       ("repetition-penalty", float)):
-        p.add_argument(f"--{name}", type=kind, default=None)
-    p.epilog = ("Sampling options left out come from the checkpoint's generation_config.json, "
-                f"else: {fallback}.")
-
-
 def _explicit_sampling(args) -> dict:
     """The sampling flags given on the command line, checked before the (slow) load."""
     from ..sampling import SamplingParams
     kw = {k: getattr(args, k) for k in SAMPLING_OPTS if getattr(args, k) is not None}
     SamplingParams(**kw).validate()
     return kw
-
 
 def cmd_demo(args):
     from ..api import load
@@ -197,104 +114,6 @@ def cmd_info(args):
     print("backends:")
     for n, (ok, why) in status.items():
         print(f"  {n:5s} {'available' if ok else 'unavailable':11s}  {why}")
-
-
-def _add_more_commands(sub):
-    from edgesparse.backends.formats import BLOCK_FORMATS
-    p = sub.add_parser("calibrate", help="build FFN predictors (and rotations) from calibration text")
-    _add_model_opts(p, artifacts=False)
-    p.add_argument("-o", "--output", required=True, help="artifact dir to write")
-    p.add_argument("--data", nargs="+", default=None, help="text files (default: the embedded corpus)")
-    p.add_argument("--tokens", type=_positive_int, default=None)
-    p.add_argument("--rank", type=_positive_int, default=None,
-                   help="one predictor rank for every layer (default: each layer's rank by the cost model)")
-    p.add_argument("--float-predictor", action="store_true",
-                   help="keep predictor factors in float (default: per-row int8 grid, half the bytes)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--target-recall", type=_fraction, default=None)
-    g.add_argument("--target-sparsity", type=_fraction, default=None)
-    p.add_argument("--attn-sparsity", type=_fraction, default=None, help="Top-K sparsity of attention projections")
-    p.add_argument("--mlp-sparsity", type=_fraction, default=None, help="Top-K sparsity of SwiGLU MLPs")
-    p.add_argument("--topk-method", choices=["rotated", "magnitude"], default="rotated")
-    p.add_argument("--rotation", choices=["shared", "per-site", "global"], default="shared",
-                   help="LaRoSA basis: one per layer, one per attention/MLP input, or one for the model")
-    p.add_argument("--topk-scaled", action="store_true",
-                   help="rank Top-K entries by |x|·||W[:, j]|| instead of |x| (see docs/accuracy.md)")
-    p.add_argument("--topk-allocation", default="uniform",
-                   help="uniform (the same K in every layer), measured (per-layer K by block errors "
-                        "measured on Top-K outputs) or greedy (per-layer K by an estimate)")
-    p.add_argument("--topk-spread", type=float, default=None,
-                   help="measured allocation: each block's sparsity stays within the asked one ± this")
-    p.add_argument("--json", action="store_true")
-
-    ev = sub.add_parser("eval", help="evaluate quality dense vs sparse").add_subparsers(dest="what", required=True)
-    p = ev.add_parser("ppl", help="perplexity dense vs sparse")
-    _add_model_opts(p)
-    p.add_argument("--data", nargs="+", required=True)
-    p.add_argument("--window", type=_positive_int, default=512)
-    p.add_argument("--max-tokens", type=_positive_int, default=None)
-    p.add_argument("--ffn-mode", choices=["dense", "exact", "predictor"], default=None)
-    p.add_argument("--plot", default=None, help="PNG of per-layer sparsity and recall")
-    p.add_argument("--compare", default=None, metavar="ARTIFACTS",
-                   help="other artifacts of the same model: their perplexity on the same windows, paired")
-    p.add_argument("--json", action="store_true")
-
-    p = ev.add_parser("zeroshot", help="LAMBADA / PIQA / ARC-Easy / HellaSwag accuracy, dense vs sparse")
-    _add_model_opts(p)
-    p.add_argument("--tasks", nargs="+", default=None)
-    p.add_argument("--limit", type=_positive_int, default=200, help="items per task (first N)")
-    p.add_argument("--json", action="store_true")
-
-    bs = sub.add_parser("bench", help="speed benchmarks (JSON)").add_subparsers(dest="what", required=True)
-    p = bs.add_parser("ffn", help="one FFN layer: dense vs predictor-sparse vs exact-sparse")
-    p.add_argument("--shape", default="4096x11008")
-    p.add_argument("--sparsity", type=_fraction, default=0.9)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
-    p.add_argument("--weights", choices=BLOCK_FORMATS, default=None, help="block-quantised weights")
-    p.add_argument("--backend", default="cpu")
-    p.add_argument("--rank", type=_positive_int, default=None)
-    p.add_argument("--repeats", type=_positive_int, default=15)
-    p.add_argument("--json", action="store_true")
-    p = bs.add_parser("decode", help="decode tokens/s: transformers vs dense vs sparse")
-    p.add_argument("model", nargs="?", default=None)
-    p.add_argument("--synthetic", default=None, help="tinyllama-1.1b")
-    p.add_argument("--backend", default="cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
-    p.add_argument("--weights", choices=BLOCK_FORMATS, default=None, help="block-quantised weights")
-    p.add_argument("--new-tokens", type=_positive_int, default=32)
-    p.add_argument("--rounds", type=_positive_int, default=3)
-    p.add_argument("--rotation", choices=["shared", "per-site", "global"], default="global")
-    _add_graph_opt(p)
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("chat", help="multi-turn chat in the terminal, streamed")
-    _add_model_opts(p)
-    _add_graph_opt(p)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
-    _add_sampling_opts(p, "temperature 0.7, top-p 0.9, min-p 0.05, repetition penalty 1.1")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--system", default=None, help="system prompt")
-
-    p = sub.add_parser("serve", help="local OpenAI-compatible server")
-    _add_model_opts(p)
-    _add_graph_opt(p)
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' (default: $EDGESPARSE_API_KEY, else none)")
-    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                   help="accept this Host header too (loopback servers accept only localhost names)")
-    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                   help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API; '*' for any")
-    p.add_argument("--max-body-mb", type=float, default=2.0, help="largest request body (413 above)")
-    p.add_argument("--max-queue", type=_positive_int, default=128, help="requests waiting or running (503 above)")
-    p.add_argument("-np", "--parallel", type=_positive_int, default=1,
-                   help="requests decoded at once, continuously batched (default 1: one at a time)")
-    p.add_argument("--stall-timeout", type=float, default=60.0,
-                   help="seconds without decode progress, with work queued, before /health says degraded")
-    p.add_argument("--header-timeout", type=float, default=10.0,
-                   help="seconds a connection may take to send a request's headers before it is closed")
-
 
 def cmd_calibrate(args):
     from ..sparsity.calibrate import DEFAULT_TOKENS, calibrate
