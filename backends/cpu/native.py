@@ -53,6 +53,20 @@ _PLAIN_SIGNATURES = {"es_ffn_dense_q": [_I, _I, _I, _I, _P, _P, _P, _I, _I, _P, 
                      "es_act_mul": [_P, _P, ctypes.c_int64, _I, _P]}
 
 
+def cpu_features() -> str:
+    """The CPU's feature flags as the kernel reports them (x86 ``flags``, ARM ``Features``),
+    sorted; the model name where there are none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return " ".join(sorted(value.split()))
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _build() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("EDGESPARSE_NATIVE", "1") == "0":
         return None, "disabled by EDGESPARSE_NATIVE=0"
@@ -65,7 +79,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     # libasan preloaded (LD_PRELOAD), which tests/fuzz/run.py arranges.
     sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer",
                 "-g"] if os.environ.get("EDGESPARSE_NATIVE_SANITIZE") == "1" else []
-    key = hashlib.sha256(src + platform.machine().encode() + platform.node().encode()
+    # Keyed on the CPU's instruction-set features, not the host name: a cache dir carried to an
+    # older CPU (a copied home or container image) rebuilds instead of dying of an illegal instruction.
+    key = hashlib.sha256(src + platform.machine().encode() + cpu_features().encode()
                          + " ".join(sanitize).encode()).hexdigest()[:16]
     out = cache_dir() / f"sparse_rows-{key}{'-asan' if sanitize else ''}.so"
     if not out.exists():
@@ -74,7 +90,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
             tmp_so = Path(tmp) / out.name
             cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", *sanitize, f"-I{CSRC}",
                    *map(str, SOURCES), "-o", str(tmp_so), "-lm"]
-            r = subprocess.run(cmd, capture_output=True, text=True)
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True)
+            except OSError as e:   # $CC names no runnable compiler
+                return None, f"C compiler {cc} cannot run ({e.strerror or e})"
             if r.returncode != 0:
                 return None, f"native build failed: {(r.stderr.strip().splitlines() or ['?'])[0]}"
             os.replace(tmp_so, out)   # atomic: concurrent builders never see half a file
@@ -99,6 +118,11 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
 def lib() -> ctypes.CDLL | None:
     if "lib" not in _state:
         _state["lib"], _state["why"] = _build()
+        if _state["lib"] is None and os.environ.get("EDGESPARSE_NATIVE", "1") != "0":
+            # never silent: the torch fallback computes the same values several times slower
+            import warnings
+            warnings.warn(f"edgesparse: native cpu kernels unavailable ({_state['why']}); the cpu backend "
+                          "runs its torch reference ops, several times slower", RuntimeWarning, stacklevel=2)
     return _state["lib"]
 
 

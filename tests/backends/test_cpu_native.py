@@ -141,8 +141,26 @@ def test_failed_build_is_reported_not_raised(fresh_build, monkeypatch, tmp_path)
     fake_cc.write_text("#!/bin/sh\necho 'cc: error: no such target' >&2\nexit 1\n")
     fake_cc.chmod(0o755)
     monkeypatch.setenv("CC", str(fake_cc))
-    assert native.lib() is None
+    with pytest.warns(RuntimeWarning, match="torch reference ops"):   # loud, never silent
+        assert native.lib() is None
     assert native.status().startswith("native build failed: cc: error")
+
+
+def test_missing_compiler_is_one_warning_not_a_crash(fresh_build, monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.warns(RuntimeWarning, match="cannot run"):
+        assert native.lib() is None
+
+
+def test_the_build_cache_is_keyed_on_cpu_features_not_the_host(fresh_build, monkeypatch):
+    """A cache dir copied to another CPU must not load a library built for this one."""
+    assert native.lib() is not None
+    built = {p.name for p in native.cache_dir().glob("sparse_rows-*.so")}
+    native._state.clear()
+    monkeypatch.setattr(native, "cpu_features", lambda: "fpu sse2")   # an older CPU
+    monkeypatch.setattr(native.platform, "node", lambda: "same-host")
+    native.lib()
+    assert {p.name for p in native.cache_dir().glob("sparse_rows-*.so")} - built   # a new build
 
 
 def test_unsupported_weights_use_torch_ops():
