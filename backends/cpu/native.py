@@ -131,6 +131,16 @@ def status() -> str:
     return _state["why"]
 
 
+def variant() -> dict:
+    """Which native build is in use: the instruction-set level its kernels use on this CPU
+    (the build is ``-march=native``, so it is the best this CPU has), whether it came prebuilt
+    (never, yet: it is compiled here on first use) and where it lives."""
+    feats = set(cpu_features().split())
+    level = ("avx512-vnni" if {"avx512f", "avx512_vnni"} <= feats else "avx2" if "avx2" in feats
+             else "neon-dotprod" if "asimddp" in feats else "neon" if "asimd" in feats else "baseline")
+    return dict(loaded=lib() is not None, isa=level, prebuilt=False, detail=status())
+
+
 def supports(*tensors: torch.Tensor) -> bool:
     """True when the native kernels can run on these weights (cpu, bf16/fp32, contiguous).
     Called on every decode op, so written as plain attribute checks."""

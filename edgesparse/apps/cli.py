@@ -97,12 +97,17 @@ def cmd_info(args):
     import torch
     import transformers
 
+    import gguf
+    from importlib.metadata import version
+
     from .. import __version__
     from ..backends import backend_status
+    from ..backends.cpu import native
     status = backend_status()
     info = dict(edgesparse=__version__, python=platform.python_version(), torch=torch.__version__,
-                transformers=transformers.__version__, machine=platform.machine(),
-                cpu_threads=torch.get_num_threads(),
+                transformers=transformers.__version__, gguf=getattr(gguf, "__version__", None) or version("gguf"),
+                machine=platform.machine(), cpu_threads=torch.get_num_threads(),
+                native=native.variant(),
                 backends={n: dict(available=ok, detail=why) for n, (ok, why) in status.items()},
                 auto=next(n for n, (ok, _) in status.items() if ok))
     if args.json:
@@ -213,7 +218,7 @@ def cmd_bench(args):
     print(json.dumps(out) if args.json else json.dumps(out, indent=1))
 
 
-HANDLERS = {"demo": cmd_demo, "generate": cmd_generate, "info": cmd_info, "calibrate": cmd_calibrate,
+HANDLERS = {"demo": cmd_demo, "generate": cmd_generate, "info": cmd_info, "env": cmd_info, "calibrate": cmd_calibrate,
             "eval": cmd_eval, "chat": cmd_chat, "serve": cmd_serve, "bench": cmd_bench}
 
 

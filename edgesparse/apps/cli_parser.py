@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_graph_opt(p)
     p.add_argument("--json", action="store_true", help=JSON_HELP)
 
-    sub.add_parser("info", help="backends, devices, versions").add_argument("--json", action="store_true",
-                                                                              help=JSON_HELP)
+    for name in ("info", "env"):   # env: the name llama.cpp and vLLM users look for
+        sub.add_parser(name, help="versions, backends (and why one is unavailable), the native kernels, "
+                       "threads").add_argument("--json", action="store_true", help=JSON_HELP)
 
     _add_more_commands(sub)
     return ap
