@@ -46,7 +46,8 @@ class FFNWeights:
     gate: Weight          # [d_ff, d]
     up: Weight            # [d_ff, d]
     down_t: Weight        # [d_ff, d]  (W_down transposed)
-    act: str              # "relu" (ReGLU) or "silu" (SwiGLU)
+    act: str              # "relu" / "fatrelu" (ReGLU: the gate kept where > threshold) or "silu" (SwiGLU)
+    threshold: float = 0.0   # FATReLU's t; 0 for ReLU
 
 
 @dataclass
@@ -128,11 +129,11 @@ class Executor(ABC):
     # blocks, formats.py); then SwiGLU FFNs, which only ever run densely, keep that layout.
     dense_down_rows = False
 
-    def prepare_ffn(self, gate, up, down, act: str) -> FFNWeights:
+    def prepare_ffn(self, gate, up, down, act: str, threshold: float = 0.0) -> FFNWeights:
         """``down``: ``W_down [d, d_ff]`` (float), QuantRows already neuron-major (``[d_ff, d]``),
         or TransposedRows (W_down's blocks as a GGUF file holds them).  ReGLU FFNs, and every FFN
         of an executor without ``dense_down_rows``, get the neuron-major layout."""
-        row_major = act != "relu" and self.dense_down_rows
+        row_major = act == "silu" and self.dense_down_rows
         if isinstance(down, TransposedRows):
             down_t = down if row_major else quantize_rows(down.rows(), requantised_format(down.fmt))
         elif isinstance(down, QuantRows):
@@ -142,7 +143,7 @@ class Executor(ABC):
             down_t = TransposedRows(q.fmt, q.data, q.cols)
         else:
             down_t = down.t()
-        return FFNWeights(self.place_matrix(gate), self.place_matrix(up), self.place_matrix(down_t), act)
+        return FFNWeights(self.place_matrix(gate), self.place_matrix(up), self.place_matrix(down_t), act, threshold)
 
     def prepare_topk(self, weight, bias, k: int) -> TopKWeights:
         return TopKWeights(self.place_matrix(weight.t()), None if bias is None else self.place(bias), int(k))
@@ -220,7 +221,7 @@ class Executor(ABC):
 
     def ffn_active(self, x: torch.Tensor, w: FFNWeights, idx: torch.Tensor) -> torch.Tensor:
         """Gated FFN over the given active neurons only (gather gate/up rows, act*mul, down)."""
-        return self.up_down_rows(x, activate(self.gate_rows(x, w, idx), w.act), w, idx)
+        return self.up_down_rows(x, activate(self.gate_rows(x, w, idx), w.act, w.threshold), w, idx)
 
     def reglu_sparse(self, x: torch.Tensor, w: FFNWeights,
                      p: PredictorWeights | None) -> tuple[torch.Tensor, int, int]:
@@ -232,11 +233,11 @@ class Executor(ABC):
         ints or floats, or 0-d device tensors where reading them would stall the device.
         Backends may fuse this; the default composes the operations above."""
         if p is None:
-            h = torch.relu(self.linear(x, LinearWeights(w.gate)))
+            h = activate(self.linear(x, LinearWeights(w.gate)), w.act, w.threshold)
             idx = self.nonzero_columns(h > 0)
             return self.up_down_rows(x, h[:, idx], w, idx), w.gate.shape[0], idx.numel()
         cand, own = self.predicted_neurons(x, p)
-        h = torch.relu(self.gate_rows(x, w, cand))
+        h = activate(self.gate_rows(x, w, cand), w.act, w.threshold)
         if own is not None:  # union of candidates: each token keeps only its own predictions
             h = h * own
         keep = self.nonzero_columns(h > 0)
@@ -296,9 +297,11 @@ class Executor(ABC):
         return fn
 
 
-def activate(g: torch.Tensor, act: str) -> torch.Tensor:
+def activate(g: torch.Tensor, act: str, threshold: float = 0.0) -> torch.Tensor:
     if act == "relu":
         return torch.relu(g)
+    if act == "fatrelu":   # g where g > t, else 0 (t >= 0, so the kept values are positive)
+        return torch.where(g > threshold, g, torch.zeros((), dtype=g.dtype, device=g.device))
     if act == "silu":
         return torch.nn.functional.silu(g)
     raise ValueError(f"unknown activation {act!r}")

@@ -32,7 +32,7 @@ class TorchExecutor(Executor):
         return F.linear(x, dense(w.weight, x.dtype), w.bias)
 
     def ffn_dense(self, x, w: FFNWeights):
-        h = activate(F.linear(x, dense(w.gate, x.dtype)), w.act) * F.linear(x, dense(w.up, x.dtype))
+        h = activate(F.linear(x, dense(w.gate, x.dtype)), w.act, w.threshold) * F.linear(x, dense(w.up, x.dtype))
         if h.dim() == 2 and h.shape[0] == 1:
             # One token: a weighted sum of all down_t rows reads them in their stored order
             # (2x faster than h @ down_t, whose transposed GEMV is slow on CPU).

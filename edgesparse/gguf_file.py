@@ -167,7 +167,7 @@ def read_weights(reader, family, spec, fmt: str | None, head_fmt: str | None, dt
         # A SwiGLU FFN only runs densely: its down projection keeps the file's row-major blocks
         # (TransposedRows; executors without that kernel re-lay it out at prepare_ffn).  A ReGLU
         # one is read neuron-major for the sparse kernels, re-quantised across its blocks.
-        neuron_major = is_down and spec.act == "relu"
+        neuron_major = is_down and spec.is_reglu
         want = head_fmt if hf in (dst.embed, dst.lm_head) else fmt
         if neuron_major and typ not in FLOAT_TYPES:
             want = requantised_format(want)

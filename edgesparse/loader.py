@@ -66,8 +66,15 @@ def load_config(p: Path, reader=None):
         if p.is_dir():
             from transformers import AutoConfig
             raw = json.loads((p / "config.json").read_text())
-            family_of(raw.get("architectures"), raw.get("model_type"))   # refuse before transformers parses it
-            return AutoConfig.from_pretrained(p)
+            if not isinstance(raw, dict):
+                raise ValueError("config.json is not a JSON object")
+            family = family_of(raw.get("architectures"), raw.get("model_type"))   # refuse before transformers parses it
+            if family.plain_config:
+                from transformers.configuration_utils import PretrainedConfig
+                # remote code is never run; model_type names a class transformers lacks
+                raw = {k: v for k, v in raw.items() if k not in ("auto_map", "model_type")}
+                return PretrainedConfig(**raw)
+            return AutoConfig.from_pretrained(p, trust_remote_code=False)
         return _from_gguf(p, "config", reader)
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
         if isinstance(e, EdgeSparseError):
@@ -79,7 +86,7 @@ def load_tokenizer(p: Path, reader=None):
     from transformers import AutoTokenizer
     try:
         if p.is_dir():
-            return AutoTokenizer.from_pretrained(p)
+            return AutoTokenizer.from_pretrained(p, trust_remote_code=False)   # never asks, never runs it
         return _from_gguf(p, "tokenizer", reader)
     except (OSError, ValueError) as e:
         if isinstance(e, EdgeSparseError):
@@ -212,6 +219,8 @@ def build_model(config, sd: dict, ex: Executor, dtype, family: Family | None = N
     family = family or family_of_config(config)
     spec = spec_from_config(config, family)
     names = family.tensors
+    if family.fold is not None:
+        family.fold(sd, config, spec)
 
     def w(name, required=True):   # popped: each checkpoint tensor is freed once placed
         t = sd.pop(name, None)
@@ -232,7 +241,7 @@ def build_model(config, sd: dict, ex: Executor, dtype, family: Family | None = N
         attn = Attention(norm=ex.place(w(n(names.attn_norm))), qkv=ex.prepare_linear(qkv_w, qkv_b),
                          o=ex.prepare_linear(w(n(names.o)), bias(names.o, i, spec.o_bias)))
         mlp = gated_mlp(ex, ex.place(w(n(names.mlp_norm))), w(n(names.gate)), w(n(names.up)), w(n(names.down)),
-                        spec.act)
+                        spec.act, spec.act_threshold)
         layers.append(Layer(attn, mlp))
     embed = ex.place_matrix(w(names.embed), fmt=False)   # QuantRows stay blocks; float stays float
     head = embed if spec.tied or names.lm_head not in sd else ex.place_matrix(w(names.lm_head), fmt=False)

@@ -105,7 +105,7 @@ def build(step: LayerStep, cache_k: torch.Tensor, act_dtype: torch.dtype) -> Pla
             return None
         desc.ffn = _SILU if f.act == "silu" else _RELU
     else:
-        if not native.supports_ffn(f.gate, f.up, f.down_t):
+        if f.act != "relu" or not native.supports_ffn(f.gate, f.up, f.down_t):   # FATReLU: composed ops
             return None
         desc.ffn = _REGLU_SPARSE
         p = step.predictor

@@ -99,7 +99,7 @@ class CudaExecutor(TorchExecutor):
         if not self._quant(w.gate, w.up, w.down_t) or x.dim() != 2:
             return super().ffn_dense(x, w)
         qk, rows = self.qkernels, self._all(w.gate)
-        h = activate(qk.rows_dot(x, w.gate, rows), w.act) * qk.rows_dot(x, w.up, rows)
+        h = activate(qk.rows_dot(x, w.gate, rows), w.act, w.threshold) * qk.rows_dot(x, w.up, rows)
         return qk.rows_matvec(h, w.down_t, rows).to(x.dtype)
 
     def gate_rows(self, x, w: FFNWeights, idx):
@@ -119,7 +119,7 @@ class CudaExecutor(TorchExecutor):
         return self.kernels.rows_matvec(h.float() * u, w.down_t, idx).to(x.dtype)
 
     def ffn_active(self, x, w: FFNWeights, idx):
-        if self._quant(w.gate):
+        if self._quant(w.gate) or w.act != "relu":   # the kernel's ACT is ReLU or SiLU
             return super().ffn_active(x, w, idx)   # gate_rows + up_down_rows above
         if not self._triton(w.gate):
             return super().ffn_active(x, w, idx)
@@ -144,7 +144,7 @@ class CudaExecutor(TorchExecutor):
         return out if w.bias is None else out + w.bias
 
     def reglu_sparse(self, x, w: FFNWeights, p: PredictorWeights | None):
-        if not self._triton(w.gate) or x.shape[0] != 1:
+        if not self._triton(w.gate) or x.shape[0] != 1 or w.act != "relu":   # the fused kernel: gate > 0
             return super().reglu_sparse(x, w, p)
         t = None if p is None else (x @ p.a)[0]
         out, n_cand, n_active = self.kernels.reglu_ffn(x, w.gate, w.up, w.down_t, t,

@@ -96,7 +96,7 @@ def _copy_layer(ex, layer):
         if isinstance(m, QuantRows):
             return replace(m, data=ex.place(m.data.clone()))
         return ex.place(m.clone())
-    ffn = FFNWeights(copy(f.gate), copy(f.up), copy(f.down_t), f.act)
+    ffn = FFNWeights(copy(f.gate), copy(f.up), copy(f.down_t), f.act, f.threshold)
     return ReGLUMLP(layer.norm, ffn, ex.prepare_linear(ffn.gate), ex.prepare_predictor(p.a.clone(), p.b.clone(), p.bias.clone()))
 
 

@@ -7,7 +7,9 @@ from edgesparse.errors import UnsupportedModelError
 
 from .families import Family, family_of_config
 
-ACTIVATIONS = {"relu": "relu", "silu": "silu", "swish": "silu"}
+# FATReLU (ProSparse, MiniCPM-S): x where x > t, else 0, with t the config's hidden_act_param
+ACTIVATIONS = {"relu": "relu", "fatrelu": "fatrelu", "silu": "silu", "swish": "silu"}
+REGLU_ACTS = ("relu", "fatrelu")
 
 
 @dataclass(frozen=True)
@@ -27,10 +29,11 @@ class ModelSpec:
     o_bias: bool
     sliding_window: int | None
     max_positions: int
+    act_threshold: float = 0.0   # FATReLU's t (the gate is kept where it exceeds t); 0 for ReLU
 
     @property
     def is_reglu(self) -> bool:
-        return self.act == "relu"
+        return self.act in REGLU_ACTS
 
 
 def spec_from_config(config, family: Family | None = None) -> ModelSpec:
@@ -39,7 +42,8 @@ def spec_from_config(config, family: Family | None = None) -> ModelSpec:
     family = family or family_of_config(config)
     act = ACTIVATIONS.get(getattr(config, "hidden_act", None))
     if act is None:
-        raise UnsupportedModelError(f"unsupported FFN activation {config.hidden_act!r}; expected relu or silu")
+        raise UnsupportedModelError(f"unsupported FFN activation {getattr(config, 'hidden_act', None)!r}; "
+                                    f"expected one of {', '.join(ACTIVATIONS)}")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) == "dynamic":
         raise UnsupportedModelError("dynamic-NTK RoPE scaling is not supported (it changes with length)")
@@ -53,10 +57,23 @@ def spec_from_config(config, family: Family | None = None) -> ModelSpec:
         n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // n_heads,
         eps=config.rms_norm_eps, act=act, tied=bool(getattr(config, "tie_word_embeddings", False)),
-        qkv_bias=bias, o_bias=bias, sliding_window=None, max_positions=config.max_position_embeddings)
+        qkv_bias=bias, o_bias=bias, sliding_window=None, max_positions=config.max_position_embeddings,
+        act_threshold=_act_threshold(config, act))
     fields.update(family.rules(config))
     _check_sizes(fields)
     return ModelSpec(**fields)
+
+
+def _act_threshold(config, act: str) -> float:
+    """FATReLU's threshold, from the key the published configs use (``hidden_act_param``,
+    e.g. 0.03 in MiniCPM-S-1B-sft); refused when missing or not a finite number >= 0."""
+    if act != "fatrelu":
+        return 0.0
+    t = getattr(config, "hidden_act_param", None)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < float("inf"):
+        raise UnsupportedModelError(f"hidden_act fatrelu needs its threshold hidden_act_param, a number >= 0; "
+                                    f"the config has {t!r}")
+    return float(t)
 
 
 # Upper bounds on a config's sizes, far above any published model: a crafted config must not

@@ -98,9 +98,10 @@ def _dense(ex, h, ffn):
     return ex.ffn_dense(h.reshape(B * T, d), ffn).view(B, T, d)
 
 
-def gated_mlp(ex, norm, gate, up, down, act: str) -> GatedMLP:
-    """The MLP type of a freshly loaded layer: ReGLU FFNs can run sparse, SwiGLU ones dense."""
-    ffn = ex.prepare_ffn(gate, up, down, act)
-    if act == "relu":
+def gated_mlp(ex, norm, gate, up, down, act: str, threshold: float = 0.0) -> GatedMLP:
+    """The MLP type of a freshly loaded layer: ReGLU FFNs (ReLU, FATReLU) can run sparse,
+    SwiGLU ones dense."""
+    ffn = ex.prepare_ffn(gate, up, down, act, threshold)
+    if act in ("relu", "fatrelu"):
         return ReGLUMLP(norm, ffn, gate_linear=ex.prepare_linear(ffn.gate))
     return GatedMLP(norm, ffn)

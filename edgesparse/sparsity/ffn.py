@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from edgesparse.backends.formats import dense
-from edgesparse.backends.interface import LinearWeights
+from edgesparse.backends.interface import LinearWeights, activate
 
 FFN_MODES = ("dense", "exact", "predictor", "topk")
 
@@ -112,12 +112,12 @@ def _masked_path(ex, x, mlp, mode, stats):
     """Per-token sparsity on many tokens at once, as dense ops with masks (reference)."""
     w = mlp.ffn
     g = ex.linear(x, mlp.gate_linear)
-    true_active = g > 0
+    true_active = g > w.threshold   # ReLU: > 0; FATReLU: > t
     if mode == "exact":
         cand = torch.ones_like(true_active)
     else:
         cand = ex.lowrank_scores(x, mlp.predictor) > 0
-    h = torch.relu(g) * cand
+    h = activate(g, w.act, w.threshold) * cand
     out = (h * ex.linear(x, LinearWeights(w.up))) @ dense(w.down_t, h.dtype)
     stats.tokens += x.shape[0]
     stats.neurons += true_active.numel()

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from edgesparse.backends.interface import activate
 from edgesparse.errors import InvalidOptionError
 from edgesparse.models.weights import ReGLUMLP, gated_mlp
 from edgesparse.sparsity.ffn import StatsBook, record_gather
@@ -71,14 +72,15 @@ class EdgeSparseMLP(nn.Module):
     the executor's.  ``model`` is the owning model's ``Runtime`` (executor, plan, counters,
     mode), shared by all layers."""
 
-    def __init__(self, hidden: int, intermediate: int, act: str, index: int, runtime: "Runtime"):
+    def __init__(self, hidden: int, intermediate: int, act: str, index: int, runtime: "Runtime",
+                 threshold: float = 0.0):
         super().__init__()
         dtype = torch.get_default_dtype()   # vLLM builds the model under its dtype and device
         # Names vLLM's loader reaches (see load_weights); down_t holds W_down transposed.
         self.gate = nn.Parameter(torch.empty(intermediate, hidden, dtype=dtype), requires_grad=False)
         self.up = nn.Parameter(torch.empty(intermediate, hidden, dtype=dtype), requires_grad=False)
         self.down_t = nn.Parameter(torch.empty(intermediate, hidden, dtype=dtype), requires_grad=False)
-        self.act, self.index, self.runtime = act, index, runtime
+        self.act, self.threshold, self.index, self.runtime = act, threshold, index, runtime
         self.es = None   # the edgesparse MLP (GatedMLP / ReGLUMLP), built by finish_loading
 
     def load_weights(self, weights) -> set[str]:
@@ -104,7 +106,7 @@ class EdgeSparseMLP(nn.Module):
         streams; ReGLU layers get the type that can run sparse) and point the parameters at
         the prepared tensors, so the weights are held once."""
         ex = self.runtime.ex
-        self.es = gated_mlp(ex, norm, self.gate.data, self.up.data, self.down_t.data.t(), self.act)
+        self.es = gated_mlp(ex, norm, self.gate.data, self.up.data, self.down_t.data.t(), self.act, self.threshold)
         ffn = self.es.ffn
         for p, t in ((self.gate, ffn.gate), (self.up, ffn.up), (self.down_t, ffn.down_t)):
             if isinstance(t, torch.Tensor):
@@ -151,7 +153,7 @@ class EdgeSparseMLP(nn.Module):
         c.union += 1
         c.union_tokens += n
         # Executor.reglu_sparse's composition, with the candidates already in hand.
-        h = torch.relu(ex.gate_rows(x, es.ffn, cand)) * own
+        h = activate(ex.gate_rows(x, es.ffn, cand), es.ffn.act, es.ffn.threshold) * own
         keep = ex.nonzero_columns(h > 0)
         record_gather(stats, n, d_ff, cand.numel(), keep.numel())
         return ex.up_down_rows(x, h[:, keep], es.ffn, cand[keep])

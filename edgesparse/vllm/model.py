@@ -100,7 +100,7 @@ class EdgeSparseDecoderLayer(LlamaDecoderLayer):
         cfg.hidden_act = "silu"
         super().__init__(vllm_config=vllm_config, prefix=prefix, config=cfg)
         index = int(prefix.rsplit(".", 1)[-1])
-        self.mlp = EdgeSparseMLP(spec.hidden, spec.intermediate, spec.act, index, runtime)
+        self.mlp = EdgeSparseMLP(spec.hidden, spec.intermediate, spec.act, index, runtime, spec.act_threshold)
 
 
 @ignore_torch_compile

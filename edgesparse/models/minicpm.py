@@ -1,0 +1,67 @@
+"""MiniCPM (``MiniCPMForCausalLM``; MiniCPM-S / ProSparse with FATReLU): the Llama layout with
+three scalings, folded into the weights at load so the shared decoder runs it unchanged.
+
+The published forward: the embedding is multiplied by ``scale_emb``; each residual branch
+(attention and MLP output) by ``scale_depth / sqrt(num_hidden_layers)``; the final normed
+hidden state is divided by ``hidden_size / dim_model_base`` before the head.  Folded, exactly
+in real arithmetic: the residual stream is carried divided by ``scale_emb`` (so the embedding
+is used as stored, and tied heads stay tied), which scales every branch output by
+``scale_depth / sqrt(L) / scale_emb`` (folded into ``o_proj`` and ``down_proj``) and every
+RMSNorm input by ``1 / scale_emb`` (RMSNorm is scale-free but for its epsilon, which becomes
+``eps / scale_emb²``); the head's divisor goes into the final norm's weight."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from edgesparse.errors import UnsupportedModelError
+
+from .families import Family
+
+SCALES = ("scale_emb", "scale_depth", "dim_model_base")
+
+
+def _scales(config) -> dict[str, float]:
+    out = {}
+    for key in SCALES:
+        v = getattr(config, key, None)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+            raise UnsupportedModelError(f"MiniCPM config needs {key}, a positive number; it has {v!r}")
+        out[key] = float(v)
+    return out
+
+
+def _rules(config) -> dict:
+    if getattr(config, "num_experts", 0):
+        raise UnsupportedModelError("MiniCPM mixture-of-experts checkpoints are not supported")
+    s = _scales(config)
+    eps = getattr(config, "rms_norm_eps", None)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise UnsupportedModelError(f"MiniCPM config rms_norm_eps = {eps!r}: expected a number")
+    # MiniCPM's config class ties the head to the embedding unless told otherwise
+    return dict(eps=eps / s["scale_emb"] ** 2, tied=bool(getattr(config, "tie_word_embeddings", True)))
+
+
+def _fold(sd: dict, config, spec) -> None:
+    from edgesparse.errors import ModelFilesError
+    s = _scales(config)
+    branch = s["scale_depth"] / math.sqrt(spec.n_layers) / s["scale_emb"]
+    names = FAMILY.tensors
+    for i in range(spec.n_layers):
+        for template in (names.o, names.down):
+            key = template.format(i=i)
+            w = sd.get(key)
+            if not isinstance(w, torch.Tensor):
+                raise ModelFilesError(f"MiniCPM weight {key} is missing or not a float tensor "
+                                      "(MiniCPM is read from float checkpoints)")
+            sd[key] = (w.double() * branch).to(w.dtype)
+            bias = sd.get(key.replace("weight", "bias"))
+            if isinstance(bias, torch.Tensor):
+                sd[key.replace("weight", "bias")] = (bias.double() * branch).to(bias.dtype)
+    norm = sd.get(names.norm)
+    if isinstance(norm, torch.Tensor):
+        sd[names.norm] = (norm.double() * s["dim_model_base"] / spec.hidden).to(norm.dtype)
+
+
+FAMILY = Family(name="minicpm", rules=_rules, fold=_fold, plain_config=True)
