@@ -153,14 +153,12 @@ class CpuExecutor(TorchExecutor):
         return super().ffn_dense(x, w)
 
     def reglu_sparse(self, x, w, p):
-        if w.act != "relu":   # the native kernels keep the gate where > 0: FATReLU runs the composed ops
-            return super().reglu_sparse(x, w, p)
         if isinstance(w.gate, QuantRows):
             if x.shape[0] <= BATCH_ROWS and native.supports_ffn(w.gate, w.up, w.down_t) and (p is None or p.fp32):
                 # A decode batch runs the one-token kernel per token: each token gathers its own
                 # rows (their union is most rows), and its result is the one-token result.
                 res = [native.q_reglu_ffn(x[i], w.gate, w.up, w.down_t,
-                                          *((None,) * 4 if p is None else (*p.fp32, p.packed)))
+                                          *((None,) * 4 if p is None else (*p.fp32, p.packed)), w.threshold)
                        for i in range(x.shape[0])]
                 out = torch.stack([r[0] for r in res]).to(x.dtype)
                 n = len(res)   # rows read per token, on average (each token read its own)
@@ -169,7 +167,7 @@ class CpuExecutor(TorchExecutor):
         if x.shape[0] == 1 and native.supports(w.gate, w.up, w.down_t, *(() if p is None else (p.a.t(), p.b.t()))):
             out, n_cand, n_active = native.reglu_ffn(
                 x[0], w.gate, w.up, w.down_t, *((None, None, None, None) if p is None else
-                                                (p.a.t(), p.b.t(), p.bias, p.packed)))
+                                                (p.a.t(), p.b.t(), p.bias, p.packed)), w.threshold)
             return out.unsqueeze(0), n_cand, n_active
         return super().reglu_sparse(x, w, p)
 

@@ -35,7 +35,8 @@ class ESLayer(ctypes.Structure):
                 ("ffn", _I), ("gate_fmt", _I), ("down_fmt", _I), ("d_ff", _I), ("rank", _I), ("down_rows", _I),
                 ("gate", _P), ("up", _P), ("down_t", _P),
                 ("a_t", _P), ("b_t", _P), ("pbias", _P), ("sa", _P), ("sb", _P), ("qa", _P), ("qb", _P),
-                ("gate_up", ESLinear), ("down", ESLinear), ("attn_adapter", ESLinear), ("adapter", ESLinear)]
+                ("gate_up", ESLinear), ("down", ESLinear), ("attn_adapter", ESLinear), ("adapter", ESLinear),
+                ("thr", ctypes.c_float)]
 
 
 def _fn():
@@ -105,9 +106,9 @@ def build(step: LayerStep, cache_k: torch.Tensor, act_dtype: torch.dtype) -> Pla
             return None
         desc.ffn = _SILU if f.act == "silu" else _RELU
     else:
-        if f.act != "relu" or not native.supports_ffn(f.gate, f.up, f.down_t):   # FATReLU: composed ops
+        if not native.supports_ffn(f.gate, f.up, f.down_t):
             return None
-        desc.ffn = _REGLU_SPARSE
+        desc.ffn, desc.thr = _REGLU_SPARSE, f.threshold   # ReLU: 0; FATReLU: its threshold
         p = step.predictor
         if p is not None:
             if not p.fp32:

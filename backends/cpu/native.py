@@ -35,7 +35,7 @@ _QUANT_OPS = ("es_reglu_ffn", "es_weighted_rows", "es_gemv", "es_topk_linear")
 _P, _I = ctypes.c_void_p, ctypes.c_int
 # Declared argument types: ctypes then takes data_ptr() ints and None (NULL) as they are.
 _SIGNATURES = {
-    "es_reglu_ffn": [_P] * 11 + [_I] * 4 + [_P, _P],
+    "es_reglu_ffn": [_P] * 11 + [_I] * 4 + [ctypes.c_float, _P, _P],
     "es_weighted_rows": [_P, _P, _P, _I, _I, _I, _P],
     "es_gemv": [_P, _P, _P, _I, _I, _I, _P],
     "es_topk_linear": [_P, _P, _I, _I, _I, _I, _P],
@@ -175,10 +175,12 @@ def _act(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == w.dtype and x.is_contiguous() else x.to(w.dtype).contiguous()
 
 
-def reglu_ffn(x: torch.Tensor, gate, up, down_t, a_t=None, b_t=None, bias=None, packed=None) -> tuple[torch.Tensor, int, int]:
+def reglu_ffn(x: torch.Tensor, gate, up, down_t, a_t=None, b_t=None, bias=None, packed=None,
+              threshold: float = 0.0) -> tuple[torch.Tensor, int, int]:
     """One token ``x [d]`` -> ``(out [d], candidates, active)``; see the C file.  The predictor
     is ``a_t [r, d]``, ``b_t [d_ff, r]`` and ``bias``; ``packed = (qa, sa, qb, sb)`` gives int8
-    rows and scales used instead of ``a_t`` / ``b_t`` where not None.  No predictor: exact mode."""
+    rows and scales used instead of ``a_t`` / ``b_t`` where not None.  No predictor: exact mode.
+    A neuron is active where its gate > ``threshold`` (ReLU: 0; FATReLU: its t)."""
     f, d = gate.shape
     x, bias = _act(x, gate), None if bias is None else _act(bias, gate)   # held: C reads them
     qa, sa, qb, sb = packed or (None,) * 4
@@ -187,7 +189,7 @@ def reglu_ffn(x: torch.Tensor, gate, up, down_t, a_t=None, b_t=None, bias=None, 
     counts = (ctypes.c_int64 * 2)()
     _fn("es_reglu_ffn", gate)(x.data_ptr(), _ptr(a_t), _ptr(b_t), _ptr(qa), _ptr(sa), _ptr(qb), _ptr(sb), _ptr(bias),
                               gate.data_ptr(), up.data_ptr(), down_t.data_ptr(), d, r, f,
-                              torch.get_num_threads(), out.data_ptr(), counts)
+                              torch.get_num_threads(), float(threshold), out.data_ptr(), counts)
     return out, counts[0], counts[1]
 
 
@@ -328,7 +330,8 @@ def q_topk_linear(w_t, x: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
-def q_reglu_ffn(x: torch.Tensor, gate, up, down_t, a_t=None, b_t=None, bias=None, packed=None):
+def q_reglu_ffn(x: torch.Tensor, gate, up, down_t, a_t=None, b_t=None, bias=None, packed=None,
+                threshold: float = 0.0):
     """``reglu_ffn`` for QuantRows gate/up/down_t: ``(out fp32 [d], candidates, active)``."""
     f, d = gate.shape
     x, a_t, b_t, bias = _f32(x), _f32(a_t), _f32(b_t), _f32(bias)
@@ -338,7 +341,7 @@ def q_reglu_ffn(x: torch.Tensor, gate, up, down_t, a_t=None, b_t=None, bias=None
     counts = (ctypes.c_int64 * 2)()
     _qfn("es_reglu_ffn", gate, down_t)(x.data_ptr(), _ptr(a_t), _ptr(b_t), _ptr(qa), _ptr(sa), _ptr(qb), _ptr(sb),
                                        _ptr(bias), gate.data.data_ptr(), up.data.data_ptr(), down_t.data.data_ptr(),
-                                       d, r, f, torch.get_num_threads(), out.data_ptr(), counts)
+                                       d, r, f, torch.get_num_threads(), float(threshold), out.data_ptr(), counts)
     return out, counts[0], counts[1]
 
 

@@ -208,3 +208,39 @@ def test_int8_predictor_rows_of_simd_width(rank):
     want, r_cand, r_act = super(CpuExecutor, ex).reglu_sparse(x, fw, p)
     assert (n_cand, n_act) == (r_cand, r_act) == (101, int(((x @ gate.T)[0, ::3] > 0).sum()))
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16, "q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("fat", [False, True])
+def test_fatrelu_threshold_in_the_native_ffn_matches_torch_ops(weights, fat):
+    """FATReLU (gate kept where > t) in the native one-token kernels, float and block rows,
+    exact and predictor mode, against the executor's composed torch ops on the same weights.
+    FATReLU jumps by t at t, so t is put in the widest gap between this token's gate values
+    (rounding and 8-bit activations then cannot move a neuron across it)."""
+    from edgesparse.backends.formats import dense, quantize_rows
+    dtype = weights if isinstance(weights, torch.dtype) else torch.float32
+    f = 120
+    x, gate, up, down, a, b, bias = layer(96, f, dtype, seed=5)
+    fast = CpuExecutor("cpu")
+    if isinstance(weights, str):
+        fast.weight_format = weights
+        gate, up = quantize_rows(gate.float(), weights), quantize_rows(up.float(), weights)
+        down = quantize_rows(down.float().T.contiguous(), "q8_0")   # neuron-major, as a ReGLU's is stored
+    g = (x.float() @ dense(gate, torch.float32).float().T)[0].sort().values
+    window = g[(g > 0.15) & (g < 0.8)]
+    gaps = window[1:] - window[:-1]
+    threshold = float((window[gaps.argmax()] + window[gaps.argmax() + 1]) / 2) if fat else 0.0
+    torch_ops = super(CpuExecutor, fast)
+    fw = fast.prepare_ffn(gate, up, down, "fatrelu" if fat else "relu", threshold)
+    margin = torch.where(torch.arange(f) % 2 == 0, 1.0, -1.0)   # a clear margin from every score
+    pred = fast.prepare_predictor(a, b, (margin - (x.float() @ a.float() @ b.float())[0]).to(dtype))
+    tol = 1e-4 if dtype == torch.float32 and not isinstance(weights, str) else 3e-2
+    for p in (None, pred):
+        got, n_cand, n_act = fast.reglu_sparse(x, fw, p)
+        want, want_cand, want_act = torch_ops.reglu_sparse(x, fw, p)
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+        assert abs(int(n_act) - int(want_act)) <= (0 if fat else 3)   # ReLU: 8-bit x may flip a gate near 0
+    if fat:   # the threshold really drops neurons the plain ReLU keeps
+        relu = fast.prepare_ffn(gate, up, down, "relu")
+        assert int(fast.reglu_sparse(x, relu, None)[2]) > int(fast.reglu_sparse(x, fw, None)[2])

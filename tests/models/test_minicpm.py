@@ -192,3 +192,16 @@ def test_cli_loads_a_minicpm_checkpoint(ckpt_factory, tmp_path):
                         "--max-new-tokens", "4", "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["tokens"] >= 1
+
+
+@pytest.mark.parametrize("weights", ["q8_0", "q4_0"])
+def test_fatrelu_native_layer_step_equals_the_composed_ops(ckpt_factory, tmp_path, weights):
+    """Block formats decode every layer in one native call; with FATReLU's threshold in the
+    layer descriptor its tokens equal the executor's composed ops (fused_decode off)."""
+    d = minicpm_checkpoint(ckpt_factory, tmp_path)
+    llm = edgesparse.load(d, backend="cpu", weights=weights)
+    llm.set_ffn_mode("exact")
+    fused = llm.generate("The quick brown fox", max_new_tokens=12, stop_token_ids=[]).token_ids
+    llm.model.fused_decode = False
+    composed = llm.generate("The quick brown fox", max_new_tokens=12, stop_token_ids=[]).token_ids
+    assert fused == composed

@@ -27,7 +27,7 @@ DECLARE_Q(q41)
     void es_reglu_ffn_##F##_##FD(const float *, const float *, const float *, const int8_t *,     \
                                  const float *, const int8_t *, const float *, const float *,     \
                                  const uint8_t *, const uint8_t *, const uint8_t *, int, int, int, int, \
-                                 float *, int64_t *);
+                                 float, float *, int64_t *);
 DECLARE_FFN(q8, q8)
 DECLARE_FFN(q4, q4)
 DECLARE_FFN(q41, q41)
@@ -160,7 +160,7 @@ static void ffn(const ESLayer *L, const float *h, int nt, float *out, int64_t *c
     }
     if (L->ffn == FFN_REGLU_SPARSE) {
 #define CALL(F, FD) es_reglu_ffn_##F##_##FD(h, L->a_t, L->b_t, L->qa, L->sa, L->qb, L->sb, L->pbias, L->gate, \
-                                            L->up, L->down_t, d, L->rank, f, nt, out, counts)
+                                            L->up, L->down_t, d, L->rank, f, nt, L->thr, out, counts)
         if (L->gate_fmt == FMT_Q8) CALL(q8, q8);
         else if (L->gate_fmt == FMT_Q4) { if (L->down_fmt == FMT_Q4) CALL(q4, q4); else CALL(q4, q8); }
         else { if (L->down_fmt == FMT_Q41) CALL(q41, q41); else CALL(q41, q8); }

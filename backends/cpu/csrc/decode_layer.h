@@ -31,6 +31,9 @@ typedef struct {
     ESLinear gate_up, down;
     /* LaRoSA's residual basis changes after the attention and after the FFN; w NULL: none */
     ESLinear attn_adapter, adapter;
+    /* ffn == FFN_REGLU_SPARSE: a neuron is active where its gate > thr (ReLU: 0; FATReLU: its
+     * threshold).  Last, so every field before it keeps its offset. */
+    float thr;
 } ESLayer;
 
 void es_decode_layer(const ESLayer *L, void *x_io, void *cache_k, void *cache_v, const void *cos,

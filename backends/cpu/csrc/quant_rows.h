@@ -274,7 +274,7 @@ DEFINE_DOTS_UPTO4(q41)
     void es_reglu_ffn_##F##_##FD(const float *x, const float *a_t, const float *b_t, const int8_t *qa,   \
                           const float *sa, const int8_t *qb, const float *sb, const float *pred_bias, \
                           const uint8_t *gate, const uint8_t *up, const uint8_t *down_t,          \
-                          int d, int r, int f, int n_threads, float *out, int64_t *counts) {      \
+                          int d, int r, int f, int n_threads, float thr, float *out, int64_t *counts) { \
         const int pred = a_t || qa;                                                               \
         int64_t n_cand = 0, n_active = 0, lead = rows_ahead(ROWB_##F(d));                         \
         float *t_buf = (float *)malloc(sizeof(float) * (size_t)(r + 1));                          \
@@ -300,13 +300,13 @@ DEFINE_DOTS_UPTO4(q41)
             else if (pred) seq_dots_f32(b_t, lo, hi, r, t_buf, val);                              \
             for (int64_t i = lo; i < hi; i++)                                                     \
                 if (!pred || val[i - lo] + pred_bias[i] > 0.f) ids[nc++] = (int)i;                \
-            /* gate rows of the candidates, four at a time; the positive ones stay */             \
+            /* gate rows of the candidates, four at a time; those above thr stay */               \
             for (int k = 0; k < nc; k += 4) {                                                     \
                 float g[4];                                                                       \
                 int m = nc - k < 4 ? nc - k : 4;                                                  \
                 dots_upto4_##F(gate, ids + k, m, ids + k + lead, nc - k - lead, &qx, d, g);       \
                 for (int j = 0; j < m; j++)                                                       \
-                    if (g[j] > 0.f) { ids[na] = ids[k + j]; val[na++] = g[j]; }                   \
+                    if (g[j] > thr) { ids[na] = ids[k + j]; val[na++] = g[j]; }                   \
             }                                                                                     \
             for (int k = 0; k < na; k += 4) {   /* up rows: val becomes the down coefficient */   \
                 float u[4];                                                                       \

@@ -218,13 +218,13 @@ DEFINE_SEQ_DOTS(f32, float)
  *   read), counts[1] = active neurons (up/down rows read).
  * Each thread owns a contiguous range of neurons and makes two passes over it: the gate rows
  * of its candidates (ascending, so in exact mode a plain stream), then the up and down rows
- * of the neurons whose ReLU(gate) > 0.  Two passes let every prefetch be for a row that will
+ * of the neurons whose gate > thr (ReLU: thr = 0; FATReLU: its threshold, >= 0).  Two passes let every prefetch be for a row that will
  * be read: a single interleaved pass would prefetch up/down rows of false positives. */
 #define DEFINE_FFN(S, WT)                                                                         \
     void es_reglu_ffn_##S(const WT *x, const WT *pred_a_t, const WT *pred_b_t,                      \
                           const int8_t *qa, const float *sa, const int8_t *qb, const float *sb,   \
                           const WT *pred_bias, const WT *gate, const WT *up, const WT *down_t,    \
-                          int d, int r, int f, int n_threads, WT *out, int64_t *counts) {         \
+                          int d, int r, int f, int n_threads, float thr, WT *out, int64_t *counts) { \
         const int pred = pred_a_t || qa || qb;                                                    \
         int64_t n_cand = 0, n_active = 0, row = (int64_t)d * (int64_t)sizeof(WT);                \
         float *xs = (float *)malloc(sizeof(float) * (size_t)d);                                   \
@@ -259,7 +259,7 @@ DEFINE_SEQ_DOTS(f32, float)
             for (int k = 0; k < nc; k++) {                                                        \
                 const WT *pf = k + lead < nc ? gate + (int64_t)ids[k + lead] * d : NULL;          \
                 float g = dot_##S(gate + (int64_t)ids[k] * d, xs, d, pf);                         \
-                if (g > 0.f) { ids[na] = ids[k]; val[na++] = g; }                                 \
+                if (g > thr) { ids[na] = ids[k]; val[na++] = g; }   /* FATReLU: thr; ReLU: 0 */  \
             }                                                                                     \
             /* pass 2: up then down row of each active neuron; the prefetch runs `lead` rows  \
              * ahead in that sequence (up0 down0 up1 down1 ...) */                               \

@@ -109,7 +109,7 @@ static void check_attention(int nt, int bf16) {
         for (int j = 0; j < d; j++) got[j] = FROM(out[j]);                                        \
         check("topk linear " #S, 0, n, d, got, want, d, TOL);                                     \
         int64_t counts[2];   /* exact ReGLU: gate and up rows [n, d] against x [d], down_t = w */ \
-        es_reglu_ffn_##S(x, NULL, NULL, NULL, NULL, NULL, NULL, NULL, g, u, w, d, 0, n, nt, out, counts); \
+        es_reglu_ffn_##S(x, NULL, NULL, NULL, NULL, NULL, NULL, NULL, g, u, w, d, 0, n, nt, 0.f, out, counts); \
         for (int r = 0; r < n; r++) {                                                             \
             double gv = 0, uv = 0;                                                                \
             for (int j = 0; j < d; j++) {                                                         \
@@ -129,7 +129,7 @@ static void check_attention(int nt, int bf16) {
         for (int i = 0; i < 32 * d; i++) pa[i] = TO(uniform());                                   \
         for (int i = 0; i < n * 32; i++) pb[i] = TO(uniform());                                   \
         for (int i = 0; i < n; i++) pbias[i] = TO(i % 2 ? -1e4f : 1e4f);                          \
-        es_reglu_ffn_##S(x, pa, pb, NULL, NULL, NULL, NULL, pbias, g, u, w, d, 32, n, nt, out, counts); \
+        es_reglu_ffn_##S(x, pa, pb, NULL, NULL, NULL, NULL, pbias, g, u, w, d, 32, n, nt, 0.f, out, counts); \
         for (int j = 0; j < d; j++) {                                                             \
             want[j] = 0;                                                                          \
             for (int r = 0; r < n; r += 2) want[j] += h[r] * FROM(w[(size_t)r * d + j]);          \
@@ -202,7 +202,7 @@ static void check_layer(int nt, int topk, int down_rows, int sparse, int pred, i
         es_swiglu(0, gup, 1, F, hh);
         es_topk_linear_q4(dn, hh, F, D, k_dn, nt, y);
     } else if (sparse) es_reglu_ffn_q4_q4(h, pred ? pa : NULL, pred ? pb : NULL, NULL, NULL, NULL, NULL, pred ? pbias : NULL,
-                                   g, u, dn, D, pred ? 32 : 0, F, nt, y, c2);
+                                   g, u, dn, D, pred ? 32 : 0, F, nt, 0.f, y, c2);
     else es_ffn_dense_q(FMT_Q4, FMT_Q4, 0, down_rows, g, u, dn, D, F, h, nt, y);
     for (int i = 0; i < D; i++) x[i] += y[i];
     if (tk) { es_gemv_q4(ad, x, NULL, D, D, nt, y); memcpy(x, y, sizeof x); }

@@ -95,7 +95,7 @@ static void check_more(int fmt, int n, int d, int nt) {
     }
     check("gate/up", fmt, n, d, got, h, n, 3e-2);
     int64_t counts[2];
-    PICK_FFN(fmt)(x, NULL, NULL, NULL, NULL, NULL, NULL, NULL, g, u, dn, d, 0, n, nt, got, counts);
+    PICK_FFN(fmt)(x, NULL, NULL, NULL, NULL, NULL, NULL, NULL, g, u, dn, d, 0, n, nt, 0.f, got, counts);
     for (int j = 0; j < d; j++) {
         want[j] = 0;
         for (int r = 0; r < n; r++) want[j] += h[r] * D[(size_t)r * d + j];
@@ -110,7 +110,7 @@ static void check_more(int fmt, int n, int d, int nt) {
         double *D8 = malloc(sizeof(double) * (size_t)n * d);
         for (int r = 0; r < n; r++) dequant(Q8, dn8, r, d, D8 + (size_t)r * d);
         (fmt == Q4 ? es_reglu_ffn_q4_q8 : es_reglu_ffn_q41_q8)(x, NULL, NULL, NULL, NULL, NULL, NULL, NULL, g, u, dn8, d,
-                                                               0, n, nt, got, counts);
+                                                               0, n, nt, 0.f, got, counts);
         double *w8 = malloc(sizeof(double) * d);
         for (int j = 0; j < d; j++) {
             w8[j] = 0;
@@ -134,7 +134,7 @@ static void check_more(int fmt, int n, int d, int nt) {
         for (int q = 0; q < n; q += 2) want[j] += h[q] * D[(size_t)q * d + j];
     }
     for (int packed = 0; packed < 2; packed++) {
-        PICK_FFN(fmt)(x, a_t, b_t, packed ? qa : NULL, sa, packed ? qb : NULL, sb, bias, g, u, dn, d, r, n, nt, got, counts);
+        PICK_FFN(fmt)(x, a_t, b_t, packed ? qa : NULL, sa, packed ? qb : NULL, sb, bias, g, u, dn, d, r, n, nt, 0.f, got, counts);
         check(packed ? "reglu ffn (int8 predictor)" : "reglu ffn (fp32 predictor)", fmt, n, d, got, want, d, ffn_tol);
         if (counts[0] != (n + 1) / 2) { printf("FAIL predictor candidates %lld\n", (long long)counts[0]); fails++; }
     }

@@ -92,10 +92,10 @@ static void run(const Record *r, int nt) {
     case 8:   /* exact ReGLU FFN: gate, up, down_t, x, want */
         if (p[0] == Q8)
             es_reglu_ffn_q8_q8(r->a[3], NULL, NULL, NULL, NULL, NULL, NULL, NULL, r->a[0], r->a[1], r->a[2], p[2], 0,
-                               p[1], nt, out, counts);
+                               p[1], nt, 0.f, out, counts);
         else
             es_reglu_ffn_q4_q4(r->a[3], NULL, NULL, NULL, NULL, NULL, NULL, NULL, r->a[0], r->a[1], r->a[2], p[2], 0,
-                               p[1], nt, out, counts);
+                               p[1], nt, 0.f, out, counts);
         compare("vectors: reglu ffn", r, out, r->a[4], p[2]);
         break;
     case 9:   /* bf16 weights' GEMV: w, x, want */
