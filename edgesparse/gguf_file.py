@@ -20,7 +20,7 @@ import torch
 
 from edgesparse.backends.formats import QuantRows, TransposedRows, quantizable, quantize_rows, requantised_format
 from .errors import ModelFilesError
-from .models.spec import expected_shapes
+from .models.spec import checked_tensors
 from .gguf_header import GGUFFormatError, parse_header
 
 ADOPTED = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
@@ -76,23 +76,15 @@ def check_tensors(reader, family, spec) -> None:
     with its own metadata (a crafted or mislabelled file) is refused with one line naming the
     tensor, what was expected and what was found."""
     from gguf.quants import dequantize  # noqa: F401  (the types it knows are checked below)
-    want = {n: (tuple(reversed(shape)), req) for n, (shape, req) in expected_shapes(family.gguf_tensors, spec).items()}
     have = {t.name: t for t in reader.tensors}
     for t in reader.tensors:   # a tensor of a layer the config does not have: a file at odds with itself
         parts = t.name.split(".")
         if len(parts) > 2 and parts[0] == "blk" and (not parts[1].isdigit() or int(parts[1]) >= spec.n_layers):
             raise ModelFilesError(f"GGUF tensor {t.name} is for a layer the config does not have "
                                   f"({spec.n_layers} layers)")
-    for name, (dims, required) in want.items():
-        t = have.get(name)
-        if t is None:
-            if required:
-                raise ModelFilesError(f"GGUF tensor {name} is missing (the config implies {list(dims)})")
-            continue
-        if tuple(t.shape) != dims:
-            raise ModelFilesError(f"GGUF tensor {name} has dims {list(t.shape)}; the config implies {list(dims)}")
+    for name, t in checked_tensors(have, family.gguf_tensors, spec, "GGUF tensor", gguf_order=True):
         typ = t.tensor_type.name
-        if len(dims) == 1 and typ not in FLOAT_TYPES:
+        if len(t.shape) == 1 and typ not in FLOAT_TYPES:
             raise ModelFilesError(f"GGUF tensor {name} is a vector of type {typ}; expected F32, F16 or BF16")
         if typ not in FLOAT_TYPES and typ not in READABLE:
             raise ModelFilesError(f"GGUF tensor {name} has type {typ}, which edgesparse cannot read "

@@ -15,7 +15,7 @@ from edgesparse.backends.interface import Executor
 from .errors import EdgeSparseError, InvalidOptionError, ModelFilesError, UnsupportedModelError
 from .models.decoder import DecoderModel
 from .models.families import Family, family_of, family_of_config
-from .models.spec import expected_shapes, spec_from_config, ModelSpec
+from .models.spec import checked_tensors, spec_from_config, ModelSpec
 from .models.weights import Attention, Layer, gated_mlp
 from edgesparse.backends.formats import BLOCK_FORMATS, FLOAT_FORMATS, WEIGHT_FORMATS, QuantRows, cat_rows
 from .embedded import TINY
@@ -178,14 +178,7 @@ def load_state_dict(p: Path) -> dict[str, torch.Tensor]:
 def check_state_dict(sd: dict, family: Family, spec: ModelSpec) -> None:
     """Every weight the decoder reads is present, floating point, with the shape its config
     implies (HF order: ``[out, in]``), before any of it is used."""
-    for name, (shape, required) in expected_shapes(family.tensors, spec).items():
-        t = sd.get(name)
-        if t is None:
-            if required:
-                raise ModelFilesError(f"weight {name} missing from the checkpoint (the config implies {list(shape)})")
-            continue
-        if tuple(t.shape) != shape:
-            raise ModelFilesError(f"weight {name} has shape {list(t.shape)}; the config implies {list(shape)}")
+    for name, t in checked_tensors(sd, family.tensors, spec, "weight"):
         if not t.is_floating_point():
             raise ModelFilesError(f"weight {name} has dtype {t.dtype}; expected a floating-point type")
 

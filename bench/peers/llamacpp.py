@@ -2,6 +2,7 @@
 ~30 min of runs on 2 cores).
 
     python bench/peers/llamacpp.py --work /tmp/peer [--threads 2] [--formats q4_0 q8_0]
+        [--shape tinyllama-1.1b|minicpm-s-1b] [--gate-sparsity 0.86] [--attn-sparsity 0.4]
         [--out bench/results/peer_tinyllama.json]
 
 Steps (each skipped when its output already exists under --work):
@@ -58,9 +59,10 @@ def build_llama_cpp(work: Path, targets=("llama-bench", "llama-quantize")) -> Pa
     return src
 
 
-def synthetic_hf(work: Path, act: str = "silu", dtype: str = "float16") -> Path:
-    """A random-weight TinyLlama-1.1B-shape HF checkpoint with the Llama-2 tokenizer (the seed
-    and init of edgesparse's synthetic_model), made once under ``work``."""
+def synthetic_hf(work: Path, act: str = "silu", dtype: str = "float16", shape: str = "tinyllama-1.1b") -> Path:
+    """A random-weight HF checkpoint of ``shape`` with the Llama-2 tokenizer (the seed and init
+    of edgesparse's synthetic_model), made once under ``work``; llama.cpp's converter pads the
+    vocabulary past the tokenizer's 32,000 with unused entries."""
     import shutil
 
     import torch
@@ -68,9 +70,10 @@ def synthetic_hf(work: Path, act: str = "silu", dtype: str = "float16") -> Path:
 
     from edgesparse.benchmarks.decode import SYNTHETIC
     from edgesparse.eval.data import find_data_dir
-    hf = work / ("tinyllama-synth" if act == "silu" else f"tinyllama-synth-{act}")
+    stem = "tinyllama" if shape == "tinyllama-1.1b" else shape
+    hf = work / (f"{stem}-synth" if act == "silu" else f"{stem}-synth-{act}")
     if not (hf / "config.json").exists():
-        cfg = LlamaConfig(hidden_act=act, tie_word_embeddings=False, **SYNTHETIC["tinyllama-1.1b"])
+        cfg = LlamaConfig(hidden_act=act, tie_word_embeddings=False, **SYNTHETIC[shape])
         cfg.architectures = ["LlamaForCausalLM"]
         torch.manual_seed(0)
         LlamaForCausalLM(cfg).to(getattr(torch, dtype)).save_pretrained(hf, safe_serialization=True)
@@ -79,15 +82,16 @@ def synthetic_hf(work: Path, act: str = "silu", dtype: str = "float16") -> Path:
     return hf
 
 
-def synthetic_gguf(work: Path, src: Path, formats) -> dict[str, Path]:
-    hf = synthetic_hf(work)
-    f16 = work / "tinyllama-synth-f16.gguf"
+def synthetic_gguf(work: Path, src: Path, formats, shape: str = "tinyllama-1.1b") -> dict[str, Path]:
+    hf = synthetic_hf(work, shape=shape)
+    stem = "tinyllama" if shape == "tinyllama-1.1b" else shape
+    f16 = work / f"{stem}-synth-f16.gguf"
     if not f16.exists():
         env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"))
         run([PY, src / "convert_hf_to_gguf.py", hf, "--outtype", "f16", "--outfile", f16], env=env)
     out = {}
     for fmt in formats:
-        out[fmt] = work / f"tinyllama-synth-{fmt}.gguf"
+        out[fmt] = work / f"{stem}-synth-{fmt}.gguf"
         if not out[fmt].exists():
             run([src / "build" / "bin" / "llama-quantize", f16, out[fmt], fmt.upper()])
     return out
@@ -102,13 +106,15 @@ def llama_bench(src: Path, gguf: Path, threads: int, prompt: int = 0, gen: int =
                 model_bytes=res["model_size"])
 
 
-def edgesparse_bench(fmt: str, threads: int, rounds: int, dtype: str = "fp32") -> dict:
+def edgesparse_bench(fmt: str, threads: int, rounds: int, dtype: str = "fp32", shape: str = "tinyllama-1.1b",
+                     gate_sparsity: float = 0.86, attn_sparsity: float = 0.4) -> dict:
     """``dtype``: the activations' (the block formats' kernels compute in fp32 either way; bf16
     matmuls in calibration's prefill are emulated, and slow, on CPUs without bf16 units)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     dtype = "bf16" if fmt == "bf16" else dtype
-    cmd = [PY, "-m", "edgesparse", "bench", "decode", "--synthetic", "tinyllama-1.1b", "--dtype", dtype,
-           "--new-tokens", 64, "--rounds", rounds, "--json"] + ([] if fmt == "bf16" else ["--weights", fmt])
+    cmd = [PY, "-m", "edgesparse", "bench", "decode", "--synthetic", shape, "--dtype", dtype,
+           "--new-tokens", 64, "--rounds", rounds, "--gate-sparsity", gate_sparsity,
+           "--attn-sparsity", attn_sparsity, "--json"] + ([] if fmt == "bf16" else ["--weights", fmt])
     r = run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -126,7 +132,7 @@ def plot(res: dict, path: Path) -> None:
         ax.bar([j + i * w for j in range(len(fmts))], [res["formats"][f].get(key) or 0 for f in fmts], w, label=label)
     ax.set_xticks([j + 0.4 - w / 2 for j in range(len(fmts))], fmts)
     ax.set_ylabel("decode tokens/s (median)")
-    ax.set_title(f"TinyLlama-1.1B shape, {res['threads']} threads, read bandwidth {res['bandwidth_gbs']} GB/s")
+    ax.set_title(f"{res['shape']} shape, {res['threads']} threads, read bandwidth {res['bandwidth_gbs']} GB/s")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -139,17 +145,21 @@ def main():
     ap.add_argument("--formats", nargs="+", default=["q4_0", "q8_0"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="edgesparse's activations")
+    ap.add_argument("--shape", default="tinyllama-1.1b", choices=["tinyllama-1.1b", "minicpm-s-1b"])
+    ap.add_argument("--gate-sparsity", type=float, default=0.86, help="edgesparse: gate rows the predictor skips")
+    ap.add_argument("--attn-sparsity", type=float, default=0.4)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/peer_tinyllama.json")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     src = build_llama_cpp(a.work)
-    ggufs = synthetic_gguf(a.work, src, a.formats)
-    res = {"model": "synthetic TinyLlama-1.1B shape (2048/5632/22 layers/GQA 32:4)", "threads": a.threads,
-           "activations": a.dtype,
+    ggufs = synthetic_gguf(a.work, src, a.formats, a.shape)
+    from edgesparse.benchmarks.decode import SYNTHETIC
+    res = {"model": f"synthetic {a.shape} shape ({SYNTHETIC[a.shape]})", "shape": a.shape, "threads": a.threads,
+           "activations": a.dtype, "gate_sparsity": a.gate_sparsity, "attn_sparsity_asked": a.attn_sparsity,
            "formats": {}}
     for fmt in a.formats:
         peer = llama_bench(src, ggufs[fmt], a.threads)
-        ours = edgesparse_bench(fmt, a.threads, a.rounds, a.dtype)
+        ours = edgesparse_bench(fmt, a.threads, a.rounds, a.dtype, a.shape, a.gate_sparsity, a.attn_sparsity)
         row = dict(llama_cpp_tok_s=peer["tok_s"], llama_cpp_samples=peer["samples"], llama_cpp_bytes=peer["model_bytes"])
         for k in ("dense_tok_s", "ffn_sparse_tok_s", "full_sparse_tok_s", "ffn_sparsity", "attn_sparsity", "bandwidth_gbs"):
             row[k] = ours[k]

@@ -214,7 +214,8 @@ def cmd_bench(args):
     else:
         from ..benchmarks.decode import bench_decode
         out = bench_decode(args.model, args.synthetic, args.backend, args.dtype, new_tokens=args.new_tokens,
-                           rounds=args.rounds, rotation=args.rotation, weights=args.weights, graph=args.graph)
+                           rounds=args.rounds, rotation=args.rotation, weights=args.weights, graph=args.graph,
+                           ffn_gate_sparsity=args.gate_sparsity, attn_sparsity=args.attn_sparsity)
     print(json.dumps(out) if args.json else json.dumps(out, indent=1))
 
 

@@ -160,7 +160,11 @@ def _add_more_commands(sub):
     p.add_argument("--json", action="store_true", help=JSON_HELP)
     p = bs.add_parser("decode", help="decode tokens/s: transformers vs dense vs sparse")
     p.add_argument("model", nargs="?", default=None, help="checkpoint to time (or --synthetic)")
-    p.add_argument("--synthetic", default=None, help="a random-weight model of a named shape, e.g. tinyllama-1.1b")
+    p.add_argument("--synthetic", default=None,
+                   help="a random-weight ReGLU model of a named shape: tinyllama-1.1b or minicpm-s-1b")
+    p.add_argument("--gate-sparsity", type=_fraction, default=0.86,
+                   help="synthetic: share of gate rows the predictor skips (default 0.86: ~90%% of FFN rows)")
+    p.add_argument("--attn-sparsity", type=_fraction, default=0.4, help="Top-K sparsity of attention (default 0.4)")
     p.add_argument("--backend", default="cpu", choices=choices(), help="backend to time (default cpu)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="float weights' precision")
     p.add_argument("--weights", choices=BLOCK_FORMATS, default=None, help="block-quantised weights")

@@ -18,7 +18,11 @@ from ..progress import progress
 
 SYNTHETIC = {"tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                                     num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
-                                    max_position_embeddings=2048)}
+                                    max_position_embeddings=2048),
+             # MiniCPM-S-1B-sft's dims (its scalings fold into the weights and change no byte read)
+             "minicpm-s-1b": dict(hidden_size=1536, intermediate_size=3840, num_hidden_layers=52,
+                                  num_attention_heads=24, num_key_value_heads=8, vocab_size=73440,
+                                  max_position_embeddings=4096)}
 
 
 def synthetic_model(name: str, backend: str, dtype, weights: str | None = None):

@@ -100,6 +100,23 @@ def _check_sizes(f: dict) -> None:
         raise UnsupportedModelError(f"config sliding_window = {sw!r}: expected a positive integer")
 
 
+def checked_tensors(found: dict, names, spec: ModelSpec, kind: str, gguf_order: bool = False):
+    """``(name, tensor)`` for every tensor of ``found`` the decoder reads, each present (where
+    required) with the shape its config implies (``gguf_order``: dims columns first, as GGUF
+    lists them); otherwise one-line ModelFilesError naming the ``kind`` of tensor."""
+    from edgesparse.errors import ModelFilesError
+    for name, (shape, required) in expected_shapes(names, spec).items():
+        shape = tuple(reversed(shape)) if gguf_order else shape
+        t = found.get(name)
+        if t is None:
+            if required:
+                raise ModelFilesError(f"{kind} {name} is missing (the config implies {list(shape)})")
+            continue
+        if tuple(t.shape) != shape:
+            raise ModelFilesError(f"{kind} {name} has shape {list(t.shape)}; the config implies {list(shape)}")
+        yield name, t
+
+
 def expected_shapes(names, spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], bool]]:
     """Checkpoint name (``names``: a family's ``TensorNames``, HF or GGUF) -> (shape in HF
     order ``[out, in]``, required) for every tensor the decoder reads.  The loaders hold a
