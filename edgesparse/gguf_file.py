@@ -75,7 +75,6 @@ def check_tensors(reader, family, spec) -> None:
     the reader can de-quantise, before any of it is read: a file whose tensor table disagrees
     with its own metadata (a crafted or mislabelled file) is refused with one line naming the
     tensor, what was expected and what was found."""
-    from gguf.quants import dequantize  # noqa: F401  (the types it knows are checked below)
     have = {t.name: t for t in reader.tensors}
     for t in reader.tensors:   # a tensor of a layer the config does not have: a file at odds with itself
         parts = t.name.split(".")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import sys
 
-from ..errors import EdgeSparseError, InvalidOptionError
+from ..errors import EdgeSparseError
 
-from .cli_parser import DEMO_PROMPT, SAMPLING_OPTS, build_parser  # noqa: F401
+from .cli_parser import SAMPLING_OPTS, build_parser
 
 
 def _load(args, artifacts=None):
