@@ -59,8 +59,12 @@ def chat_loop(llm, max_new_tokens=256, temperature=0.7, top_p=0.9, seed=None, sy
         answer = "".join(pieces)
         messages.append({"role": "assistant", "content": answer})
         n = fin.get("completion_tokens", len(llm.tokenizer(answer)["input_ids"]))
-        s = llm.model.stats.summary()
+        s = llm.model.sparsity_in_use()   # every mode: FFN/gate rows skipped, Top-K share kept
         last = {"tokens": n, "tokens/s": round(n / dt, 1) if dt > 0 else 0.0,
-                "finish": fin.get("finish_reason", "?"), "ffn_sparsity": round(s["ffn_sparsity"], 3)}
+                "finish": fin.get("finish_reason", "?")}
+        if s["ffn_sparsity"] is not None:
+            last["ffn_sparsity"] = round(s["ffn_sparsity"], 3)
         if llm.model.ffn_mode == "predictor":
             last["gate_sparsity"] = round(s["gate_sparsity"], 3)
+        if s["topk_kept"]:
+            last["topk_kept"] = s["topk_kept"]

@@ -34,3 +34,17 @@ def test_chat_ctrl_c_stops_answer_but_keeps_session(llama_relu, monkeypatch):
     monkeypatch.setattr(llm, "stream", interrupted)
     text = run(llm, ["first question", "/stats", "/quit"])
     assert "[stopped]" in text and "finish: interrupted" in text
+
+
+def test_chat_stats_report_the_topk_share_kept(ckpt_factory, tmp_path):
+    """/stats says what sparsity is in use in every mode: under Top-K artifacts, the share of
+    each site's input kept (no FFN row counts, which only ReGLU FFNs have)."""
+    from conftest import TEXT
+    ck = ckpt_factory("llama", "silu")
+    data = tmp_path / "t.txt"
+    data.write_text(TEXT * 4)
+    edgesparse.calibrate(ck, tmp_path / "a", data=[data], backend="cpu", tokens=1024, window=128,
+                         attn_sparsity=0.4, mlp_sparsity=0.4)
+    llm = edgesparse.load(ck, backend="cpu", artifacts=tmp_path / "a")
+    text = run(llm, ["The quick brown fox", "/stats", "/quit"])
+    assert "topk_kept" in text and "qkv" in text and "gate_up" in text and "ffn_sparsity" not in text
