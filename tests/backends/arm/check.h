@@ -20,7 +20,7 @@
     void es_gate_up_##F(const uint8_t *, const uint8_t *, const float *, int, int, int, int, float *); \
     void es_reglu_ffn_##F##_##F(const float *, const float *, const float *, const int8_t *, const float *, \
                                 const int8_t *, const float *, const float *, const uint8_t *, const uint8_t *, \
-                                const uint8_t *, int, int, int, int, float *, int64_t *);
+                                const uint8_t *, int, int, int, int, float, float *, int64_t *);
 DECL(q8)
 DECL(q4)
 DECL(q41)
@@ -28,7 +28,7 @@ DECL(q41)
 #define DECL_MIXED(F)                                                                             \
     void es_reglu_ffn_##F##_q8(const float *, const float *, const float *, const int8_t *, const float *, \
                                const int8_t *, const float *, const float *, const uint8_t *, const uint8_t *, \
-                               const uint8_t *, int, int, int, int, float *, int64_t *);
+                               const uint8_t *, int, int, int, int, float, float *, int64_t *);
 DECL_MIXED(q4)
 DECL_MIXED(q41)
 void es_rms_norm_f32(const float *, const float *, float, int, float *);
@@ -38,7 +38,7 @@ void es_rms_norm_f32(const float *, const float *, float, int, float *);
     void es_topk_linear_##S(const WT *, const WT *, int, int, int, int, WT *);                   \
     void es_reglu_ffn_##S(const WT *, const WT *, const WT *, const int8_t *, const float *, const int8_t *, \
                           const float *, const WT *, const WT *, const WT *, const WT *, int, int, int, int, \
-                          WT *, int64_t *);
+                          float, WT *, int64_t *);
 DECL_FLOAT(bf16, uint16_t)
 DECL_FLOAT(f32, float)
 void es_decode_attention_f32(const float *, const float *, const float *, float *, float *, int, int, int, int,
