@@ -212,13 +212,13 @@ def build_model(config, sd: dict, ex: Executor, dtype, family: Family | None = N
     family = family or family_of_config(config)
     spec = spec_from_config(config, family)
     names = family.tensors
-    if family.fold is not None:
-        family.fold(sd, config, spec)
 
     def w(name, required=True):   # popped: each checkpoint tensor is freed once placed
         t = sd.pop(name, None)
         if t is None and required:
             raise ModelFilesError(f"weight {name} missing from the checkpoint")
+        if t is not None and family.fold is not None:
+            t = family.fold(name, t, config, spec)
         return t if t is None or isinstance(t, QuantRows) else t.to(dtype)
 
     def bias(template, i, present):
@@ -292,4 +292,7 @@ def load_model(path, backend: str = "auto", dtype=None, weights: str | None = No
     if fmt is not None and p.suffix != ".gguf":   # blocks made from float: keep a way back to them
         from .models.source import FloatSource
         model.float_source = FloatSource.from_safetensors(sorted(p.glob("*.safetensors")), family.tensors)
+        if family.fold is not None:   # read back as the decoder holds them
+            raw = model.float_source.get
+            model.float_source.get = lambda name: family.fold(name, raw(name), config, spec)
     return model, tok, config, p

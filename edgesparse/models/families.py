@@ -55,9 +55,10 @@ class Family:
     # llama.cpp's converter reorders the rows of q and k of Llama-style checkpoints (RoPE on
     # interleaved pairs); the reader undoes it.  Families with NeoX-style RoPE keep them as is.
     gguf_permuted_qk: bool = True
-    # (state dict, config, spec) -> None: rewrites the float weights in place so that the shared
-    # Llama decoder computes this family's forward (MiniCPM folds its three scalings in)
-    fold: Callable[[dict, object, object], None] | None = None
+    # (checkpoint name, tensor, config, spec) -> the tensor the shared Llama decoder needs to
+    # compute this family's forward (MiniCPM folds its three scalings in); applied to every
+    # tensor read from the checkpoint, at load and when a float source reads it back later
+    fold: Callable[[str, object, object, object], object] | None = None
     # the config is read from config.json as plain data: the family's own config class lives in
     # the checkpoint's remote code, which edgesparse never runs
     plain_config: bool = False

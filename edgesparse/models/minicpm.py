@@ -11,6 +11,7 @@ RMSNorm input by ``1 / scale_emb`` (RMSNorm is scale-free but for its epsilon, w
 ``eps / scale_emb²``); the head's divisor goes into the final norm's weight."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -43,25 +44,30 @@ def _rules(config) -> dict:
     return dict(eps=eps / s["scale_emb"] ** 2, tied=bool(getattr(config, "tie_word_embeddings", True)))
 
 
-def _fold(sd: dict, config, spec) -> None:
+@functools.lru_cache(maxsize=8)
+def _branch_names(n_layers: int) -> frozenset[str]:
+    """The checkpoint names of every residual branch's output projection (weights, biases)."""
+    names = FAMILY.tensors
+    return frozenset(template.format(i=i).replace("weight", kind) for i in range(n_layers)
+                     for template in (names.o, names.down) for kind in ("weight", "bias"))
+
+
+def _fold(name: str, t, config, spec):
+    """One checkpoint tensor as the shared decoder needs it: o_proj and down_proj (and their
+    biases) times ``scale_depth / sqrt(L) / scale_emb``, the final norm's weight times
+    ``dim_model_base / hidden_size``; every other tensor as it is."""
     from edgesparse.errors import ModelFilesError
     s = _scales(config)
-    branch = s["scale_depth"] / math.sqrt(spec.n_layers) / s["scale_emb"]
     names = FAMILY.tensors
-    for i in range(spec.n_layers):
-        for template in (names.o, names.down):
-            key = template.format(i=i)
-            w = sd.get(key)
-            if not isinstance(w, torch.Tensor):
-                raise ModelFilesError(f"MiniCPM weight {key} is missing or not a float tensor "
-                                      "(MiniCPM is read from float checkpoints)")
-            sd[key] = (w.double() * branch).to(w.dtype)
-            bias = sd.get(key.replace("weight", "bias"))
-            if isinstance(bias, torch.Tensor):
-                sd[key.replace("weight", "bias")] = (bias.double() * branch).to(bias.dtype)
-    norm = sd.get(names.norm)
-    if isinstance(norm, torch.Tensor):
-        sd[names.norm] = (norm.double() * s["dim_model_base"] / spec.hidden).to(norm.dtype)
+    if name in _branch_names(spec.n_layers):
+        scale = s["scale_depth"] / math.sqrt(spec.n_layers) / s["scale_emb"]
+    elif name == names.norm:
+        scale = s["dim_model_base"] / spec.hidden
+    else:
+        return t
+    if not isinstance(t, torch.Tensor):
+        raise ModelFilesError(f"MiniCPM weight {name} is not a float tensor (MiniCPM is read from float checkpoints)")
+    return (t.double() * scale).to(t.dtype)
 
 
 FAMILY = Family(name="minicpm", rules=_rules, fold=_fold, plain_config=True)

@@ -205,3 +205,17 @@ def test_fatrelu_native_layer_step_equals_the_composed_ops(ckpt_factory, tmp_pat
     llm.model.fused_decode = False
     composed = llm.generate("The quick brown fox", max_new_tokens=12, stop_token_ids=[]).token_ids
     assert fused == composed
+
+
+def test_minicpm_float_source_holds_the_folded_weights(ckpt_factory, tmp_path):
+    """Block formats keep a way back to the checkpoint's float values (LaRoSA folds into them);
+    those values must be the ones the decoder runs, scalings folded in, or a rotated Top-K
+    artifact of a MiniCPM model would unscale its o and down projections."""
+    from edgesparse.backends.formats import dense
+    d = minicpm_checkpoint(ckpt_factory, tmp_path)
+    llm = edgesparse.load(d, backend="cpu", weights="q8_0")
+    src, layer = llm.model.float_source, llm.model.layers[1]
+    held = {"o": dense(layer.attn.o.weight, torch.float32), "down_t": dense(layer.mlp.ffn.down_t, torch.float32)}
+    for name, stored in held.items():
+        f = src.layer(1)[name].float()
+        assert (f - stored).abs().max() < 0.02 * stored.abs().max(), name   # q8_0 rounding only
