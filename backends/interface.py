@@ -49,6 +49,10 @@ class FFNWeights:
     act: str              # "relu" / "fatrelu" (ReGLU: the gate kept where > threshold) or "silu" (SwiGLU)
     threshold: float = 0.0   # FATReLU's t; 0 for ReLU
 
+    def act_fn(self, g: torch.Tensor) -> torch.Tensor:
+        """This FFN's activation of gate values ``g`` (FATReLU with its threshold)."""
+        return activate(g, self.act, self.threshold)
+
 
 @dataclass
 class PredictorWeights:
@@ -221,7 +225,7 @@ class Executor(ABC):
 
     def ffn_active(self, x: torch.Tensor, w: FFNWeights, idx: torch.Tensor) -> torch.Tensor:
         """Gated FFN over the given active neurons only (gather gate/up rows, act*mul, down)."""
-        return self.up_down_rows(x, activate(self.gate_rows(x, w, idx), w.act, w.threshold), w, idx)
+        return self.up_down_rows(x, w.act_fn(self.gate_rows(x, w, idx)), w, idx)
 
     def reglu_sparse(self, x: torch.Tensor, w: FFNWeights,
                      p: PredictorWeights | None) -> tuple[torch.Tensor, int, int]:
@@ -233,11 +237,11 @@ class Executor(ABC):
         ints or floats, or 0-d device tensors where reading them would stall the device.
         Backends may fuse this; the default composes the operations above."""
         if p is None:
-            h = activate(self.linear(x, LinearWeights(w.gate)), w.act, w.threshold)
+            h = w.act_fn(self.linear(x, LinearWeights(w.gate)))
             idx = self.nonzero_columns(h > 0)
             return self.up_down_rows(x, h[:, idx], w, idx), w.gate.shape[0], idx.numel()
         cand, own = self.predicted_neurons(x, p)
-        h = activate(self.gate_rows(x, w, cand), w.act, w.threshold)
+        h = w.act_fn(self.gate_rows(x, w, cand))
         if own is not None:  # union of candidates: each token keeps only its own predictions
             h = h * own
         keep = self.nonzero_columns(h > 0)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .formats import QuantRows, dense, rows_of
-from .interface import Executor, FFNWeights, LinearWeights, PredictorWeights, TopKWeights, activate, keep_topk, topk_indices
+from .interface import Executor, FFNWeights, LinearWeights, PredictorWeights, TopKWeights, keep_topk, topk_indices
 
 
 # Above this share of a matrix's rows a sparse op reads all rows densely instead of gathering:
@@ -32,7 +32,7 @@ class TorchExecutor(Executor):
         return F.linear(x, dense(w.weight, x.dtype), w.bias)
 
     def ffn_dense(self, x, w: FFNWeights):
-        h = activate(F.linear(x, dense(w.gate, x.dtype)), w.act, w.threshold) * F.linear(x, dense(w.up, x.dtype))
+        h = w.act_fn(F.linear(x, dense(w.gate, x.dtype))) * F.linear(x, dense(w.up, x.dtype))
         if h.dim() == 2 and h.shape[0] == 1:
             # One token: a weighted sum of all down_t rows reads them in their stored order
             # (2x faster than h @ down_t, whose transposed GEMV is slow on CPU).

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 
 from ..formats import BLOCK_BYTES, QuantRows, TransposedRows, int8_rows
-from ..interface import FFNWeights, LayerStep, LinearWeights, PredictorWeights, TopKWeights, activate, keep_topk
+from ..interface import FFNWeights, LayerStep, LinearWeights, PredictorWeights, TopKWeights, keep_topk
 from ..reference import TorchExecutor
 from . import layer_step, native
 
@@ -140,7 +140,7 @@ class CpuExecutor(TorchExecutor):
                 if w.act in ("relu", "silu"):   # each token's activation as the one-token kernel's
                     h = native.act_mul(native.q_gemm(w.gate, x, prompt=p), native.q_gemm(w.up, x, prompt=p), w.act)
                 else:
-                    h = activate(native.q_gemm(w.gate, x, prompt=p), w.act, w.threshold) * native.q_gemm(w.up, x, prompt=p)
+                    h = w.act_fn(native.q_gemm(w.gate, x, prompt=p)) * native.q_gemm(w.up, x, prompt=p)
                 if isinstance(w.down_t, TransposedRows):
                     return native.q_gemm(w.down_t.stored, h, prompt=p).to(x.dtype)
                 return native.q_rows_gemm(w.down_t, h).to(x.dtype)   # neuron-major: row sums
@@ -148,7 +148,7 @@ class CpuExecutor(TorchExecutor):
         if x.dim() == 2 and x.shape[0] == 1 and native.supports(w.down_t):
             # One token: gate/up as native GEMVs, the down projection as one native pass over
             # down_t's rows (embedding_bag over all rows ran at ~8 GB/s inside decode).
-            h = activate(self.linear(x, LinearWeights(w.gate)), w.act, w.threshold) * self.linear(x, LinearWeights(w.up))
+            h = w.act_fn(self.linear(x, LinearWeights(w.gate))) * self.linear(x, LinearWeights(w.up))
             return native.weighted_rows(w.down_t, None, h[0]).unsqueeze(0)
         return super().ffn_dense(x, w)
 

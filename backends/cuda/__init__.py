@@ -11,7 +11,7 @@ import torch
 
 from ..reference import TorchExecutor
 from ..formats import QuantRows
-from ..interface import FFNWeights, PredictorWeights, TopKWeights, activate, topk_indices
+from ..interface import FFNWeights, PredictorWeights, TopKWeights, topk_indices
 
 
 @functools.lru_cache(maxsize=1)
@@ -99,7 +99,7 @@ class CudaExecutor(TorchExecutor):
         if not self._quant(w.gate, w.up, w.down_t) or x.dim() != 2:
             return super().ffn_dense(x, w)
         qk, rows = self.qkernels, self._all(w.gate)
-        h = activate(qk.rows_dot(x, w.gate, rows), w.act, w.threshold) * qk.rows_dot(x, w.up, rows)
+        h = w.act_fn(qk.rows_dot(x, w.gate, rows)) * qk.rows_dot(x, w.up, rows)
         return qk.rows_matvec(h, w.down_t, rows).to(x.dtype)
 
     def gate_rows(self, x, w: FFNWeights, idx):

@@ -97,7 +97,6 @@ def cmd_info(args):
     import torch
     import transformers
 
-    import gguf
     from importlib.metadata import version
 
     from .. import __version__
@@ -105,7 +104,7 @@ def cmd_info(args):
     from ..backends.cpu import native
     status = backend_status()
     info = dict(edgesparse=__version__, python=platform.python_version(), torch=torch.__version__,
-                transformers=transformers.__version__, gguf=getattr(gguf, "__version__", None) or version("gguf"),
+                transformers=transformers.__version__, gguf=version("gguf"),
                 machine=platform.machine(), cpu_threads=torch.get_num_threads(),
                 native=native.variant(),
                 backends={n: dict(available=ok, detail=why) for n, (ok, why) in status.items()},

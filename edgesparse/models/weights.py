@@ -14,6 +14,7 @@ import torch
 
 from edgesparse.backends.interface import FFNWeights, LinearWeights, PredictorWeights, TopKWeights
 from edgesparse.sparsity.ffn import SparsityStats, reglu_forward, topk_mlp
+from .spec import REGLU_ACTS
 
 
 @dataclass
@@ -102,6 +103,6 @@ def gated_mlp(ex, norm, gate, up, down, act: str, threshold: float = 0.0) -> Gat
     """The MLP type of a freshly loaded layer: ReGLU FFNs (ReLU, FATReLU) can run sparse,
     SwiGLU ones dense."""
     ffn = ex.prepare_ffn(gate, up, down, act, threshold)
-    if act in ("relu", "fatrelu"):
+    if act in REGLU_ACTS:
         return ReGLUMLP(norm, ffn, gate_linear=ex.prepare_linear(ffn.gate))
     return GatedMLP(norm, ffn)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from edgesparse.backends.formats import dense
-from edgesparse.backends.interface import LinearWeights, activate
+from edgesparse.backends.interface import LinearWeights
 
 FFN_MODES = ("dense", "exact", "predictor", "topk")
 
@@ -117,7 +117,7 @@ def _masked_path(ex, x, mlp, mode, stats):
         cand = torch.ones_like(true_active)
     else:
         cand = ex.lowrank_scores(x, mlp.predictor) > 0
-    h = activate(g, w.act, w.threshold) * cand
+    h = w.act_fn(g) * cand
     out = (h * ex.linear(x, LinearWeights(w.up))) @ dense(w.down_t, h.dtype)
     stats.tokens += x.shape[0]
     stats.neurons += true_active.numel()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 
-from edgesparse.backends.interface import activate
 from edgesparse.errors import ArtifactError
 from edgesparse.models.weights import ReGLUMLP
 from edgesparse.predictors.cost import FFNShape, rank_grid
@@ -41,7 +40,7 @@ def fit(model, gram_a: dict, held: dict, rank: int | None, target_sparsity, targ
         d_ff, d = gate_w.shape
         x = torch.cat(held[tap])
         # the gate as the activation keeps it (FATReLU: > t), so "active" below is gate > t
-        gate, up = activate(x @ gate_w.T, ffn.act, ffn.threshold), x @ ffn.up.float().cpu().T
+        gate, up = ffn.act_fn(x @ gate_w.T), x @ ffn.up.float().cpu().T
         down_norms = ffn.down_t.float().cpu().norm(dim=1)
         active = (gate > 0).float().mean().item()
         shape = FFNShape(d, d_ff, _row_bytes(ffn.gate), _row_bytes(ffn.up), _row_bytes(ffn.down_t),

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from edgesparse.backends.interface import activate
 from edgesparse.errors import InvalidOptionError
 from edgesparse.models.weights import ReGLUMLP, gated_mlp
 from edgesparse.sparsity.ffn import StatsBook, record_gather
@@ -153,7 +152,7 @@ class EdgeSparseMLP(nn.Module):
         c.union += 1
         c.union_tokens += n
         # Executor.reglu_sparse's composition, with the candidates already in hand.
-        h = activate(ex.gate_rows(x, es.ffn, cand), es.ffn.act, es.ffn.threshold) * own
+        h = es.ffn.act_fn(ex.gate_rows(x, es.ffn, cand)) * own
         keep = ex.nonzero_columns(h > 0)
         record_gather(stats, n, d_ff, cand.numel(), keep.numel())
         return ex.up_down_rows(x, h[:, keep], es.ffn, cand[keep])
